@@ -1,0 +1,351 @@
+"""Structured pruning accuracy at 2x fewer MACs: prunekit's criteria vs each other and vs Torch-Pruning 1.6.1.
+
+Tasks (full real data: 55,000 training images, the 5,000-image validation split for choices, the 10,000 test images
+for the reported numbers):
+
+* ``resnet20-fashion``: prunekit's ResNet-20 (channels) on Fashion-MNIST;
+* ``lenet5-mnist``: LeNet-5 channels and hidden units on MNIST;
+* ``lenet300-mnist``: LeNet-300-100 neurons on MNIST.
+
+Protocol, per task:
+
+1. **Dense**: trained once (seed 0; SGD Nesterov, one-cycle; ``--dense-epochs``) and cached.
+2. **Pruning to 2x fewer MACs** (counted by ``prunekit.flops.count_macs`` on the physically pruned model): every
+   method removes the same fraction of every group's units (*uniform* allocation, bisected so that MACs <= 0.5 x
+   dense), so the methods differ only in *which* units go. prunekit criteria: ``taylor`` (Molchanov et al. 2017:
+   |activation x gradient| per feature map, on 8 labelled calibration batches of 128), ``l1`` (filter norm),
+   ``bn_scale`` (|gamma|; ResNet-20 only, LeNets have no BatchNorm), ``apoz``, ``random``. Torch-Pruning ``tp_l2``:
+   ``MetaPruner`` with its default ``GroupMagnitudeImportance(p=2)``, the classifier ignored, ``pruning_ratio``
+   bisected to the MACs closest to ours from below (equal MACs up to rounding).
+   Extra prunekit variants: ``taylor_global`` (the MAC budget ``macs=0.5`` ranked globally, cost-aware) and
+   ``taylor_gradual`` (``StructuredPruner`` with a Gradual schedule over the first half of fine-tuning, then
+   physical removal).
+3. **Fine-tuning**: the same recipe and budget for everyone (``--ft-epochs``; learning rate chosen on the validation
+   split from ``--lrs`` with ``l1``, seed 0; weight decay as for dense). Seeds (``--seeds``) change the data order,
+   the calibration batches and the random criterion; the dense model is the same. ``dense_ft`` fine-tunes the dense
+   model with the same budget, as a reference.
+
+Reported: test accuracy mean/std over seeds per method, MACs, parameters. Bars (issue 3): the prunekit method with
+the best mean validation accuracy is within 0.5 pt of dense and at least Torch-Pruning's test accuracy. And: does
+Molchanov's finding (Taylor beats weight norms and activation criteria, random is worst) hold here?
+
+Results go to ``benchmarks/results/structured_accuracy[_quick].json`` after every finished run (a rerun skips them),
+with a Markdown table and a PNG next to it. Dense checkpoints are cached under ``~/.cache/prunekit/bench/``.
+
+Run (quiet machine; many hours for ResNet-20 with 3 seeds, the LeNets take well under an hour):
+    .venv/bin/python benchmarks/structured_accuracy.py
+    .venv/bin/python benchmarks/structured_accuracy.py --tasks lenet300-mnist lenet5-mnist   # the quick ones first
+Smoke (~5 min): .venv/bin/python benchmarks/structured_accuracy.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import png_path, setup_torch, table  # noqa: E402
+from _harness import RESULTS, ResultStore  # noqa: E402
+
+import prunekit  # noqa: E402
+from prunekit import Gradual  # noqa: E402
+from prunekit.data import load_dataset  # noqa: E402
+from prunekit.data.fetch import cache_dir  # noqa: E402
+from prunekit.flops import count_macs, count_params  # noqa: E402
+from prunekit.models import get_model  # noqa: E402
+from prunekit.structured import StructuredPruner, plan, trace  # noqa: E402
+from prunekit.train import TrainConfig, batches, evaluate, train  # noqa: E402
+
+NAME = "structured_accuracy"
+TASKS = {
+    "resnet20-fashion": {"model": "resnet20", "data": "fashion-mnist", "dense_epochs": 20, "ft_epochs": 8,
+                         "weight_decay": 5e-4, "lr": 0.1},
+    "lenet5-mnist": {"model": "lenet5", "data": "mnist", "dense_epochs": 12, "ft_epochs": 6, "weight_decay": 0.0,
+                     "lr": 0.05},
+    "lenet300-mnist": {"model": "lenet300", "data": "mnist", "dense_epochs": 12, "ft_epochs": 6,
+                       "weight_decay": 0.0, "lr": 0.1},
+}
+OURS = ["taylor", "l1", "bn_scale", "apoz", "random", "taylor_global", "taylor_gradual"]
+X = torch.zeros(1, 1, 28, 28)
+TARGET = 0.5  # MACs after / before
+
+
+def _subset(data: TensorDataset, n: int | None) -> TensorDataset:
+    return data if not n else TensorDataset(*(t[:n] for t in data.tensors))
+
+
+def dense_model(task: str, spec: dict[str, Any], train_data: TensorDataset, epochs: int, tag: str) -> nn.Module:
+    """The dense model of ``task``, trained once and cached."""
+    folder = cache_dir() / "bench" / NAME
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{task}-dense-{epochs}ep{tag}.safetensors"
+    torch.manual_seed(0)
+    model = get_model(spec["model"])
+    if path.exists():
+        prunekit.load(path, model)
+        if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            return model
+    cfg = TrainConfig(epochs=epochs, lr=spec["lr"], weight_decay=spec["weight_decay"], seed=0)
+    train(model, train_data, cfg, progress=False)
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise RuntimeError(f"{task}: dense training diverged (lr {spec['lr']}); lower TASKS[{task!r}]['lr']")
+    prunekit.save(model, path)  # safetensors, atomic, no pickle
+    return model
+
+
+def calibration(train_data: TensorDataset, seed: int, n: int = 8, size: int = 128) -> list[tuple[Any, Any]]:
+    return [b for _, b in zip(range(n), batches(train_data, size, shuffle=True, seed=1000 + seed))]
+
+
+def uniform_sparsity(model: nn.Module, graph: Any, target: float) -> float:
+    """The largest-MAC uniform per-group sparsity with MACs <= target x dense (predicted, exact for these models)."""
+    dense = graph.state.macs
+    lo, hi = 0.0, 0.95
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        if plan(model, X, mid, graph=graph, verify=False).macs[1] <= target * dense:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def prune_ours(method: str, model: nn.Module, graph: Any, sparsity: float, calib: list[Any], seed: int) -> nn.Module:
+    from prunekit.structured import RandomGroupScore
+
+    criterion: Any = {"taylor_global": "taylor", "random": RandomGroupScore(seed)}.get(method, method)
+    if method == "taylor_global":
+        p = plan(model, X, macs=TARGET, criterion="taylor", data=calib, graph=graph)
+    else:
+        p = plan(model, X, sparsity, criterion=criterion, data=calib, graph=graph)
+    return p.apply(model)
+
+
+def prune_tp(model: nn.Module, target_macs: int, importance: str = "l2") -> tuple[nn.Module, float]:
+    """Torch-Pruning at uniform ``pruning_ratio`` bisected to the MACs closest to ``target_macs`` from below."""
+    import torch_pruning as tp
+
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]  # the classifier keeps its 10 outputs
+
+    def pruned(ratio: float) -> nn.Module:
+        m = copy.deepcopy(model)
+        ignored = [dict(m.named_modules())[n] for n, mod in model.named_modules() if mod is head]
+        imp = tp.importance.GroupMagnitudeImportance(p=2)
+        pruner = tp.pruner.MetaPruner(m, X, importance=imp, pruning_ratio=ratio, ignored_layers=ignored)
+        pruner.step()
+        return m
+
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        m = pruned(mid)
+        macs = count_macs(m, X).total
+        if macs <= target_macs:
+            hi = mid
+            best = (m, mid)
+        else:
+            lo = mid
+    if best is None:
+        best = (pruned(hi), hi)
+    return best
+
+
+def run_one(task: str, method: str, seed: int, lr: float, ctx: dict[str, Any], args: argparse.Namespace) -> dict:
+    spec = TASKS[task]
+    dense: nn.Module = ctx["dense"]
+    model = copy.deepcopy(dense)
+    calib = calibration(ctx["train"], seed)
+    cfg = TrainConfig(epochs=ctx["ft_epochs"], lr=lr, weight_decay=spec["weight_decay"], seed=seed)
+    t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if method == "dense_ft":
+        pass
+    elif method.startswith("tp_"):
+        model, ratio = prune_tp(model, ctx["ours_macs"])
+        extra["pruning_ratio"] = ratio
+    elif method == "taylor_gradual":
+        steps = cfg.steps_per_epoch(len(ctx["train"]))
+        every = max(1, steps // 4)
+        end = every * max(1, round(0.5 * cfg.epochs * steps / every))
+        pruner = StructuredPruner(model, X, ctx["sparsity"], schedule=Gradual(start=0, end=end, every=every),
+                                  criterion="taylor", data=calib)
+        torch.manual_seed(seed)
+        train(model, ctx["train"], cfg, pruner=pruner, progress=False)
+        model = pruner.finalize()
+    else:
+        torch.manual_seed(seed)
+        model = prune_ours(method, model, ctx["graph"], ctx["sparsity"], calib, seed)
+    prune_seconds = time.perf_counter() - t0
+    if method != "taylor_gradual":
+        torch.manual_seed(seed)
+        train(model, ctx["train"], cfg, progress=False)
+    return {"task": task, "method": method, "seed": seed, "lr": lr, "ft_epochs": cfg.epochs,
+            "val_accuracy": evaluate(model, ctx["val"]).accuracy, "test_accuracy": evaluate(model, ctx["test"]).accuracy,
+            "macs": count_macs(model, X).total, "params": count_params(model), "dense_macs": ctx["dense_macs"],
+            "seconds": time.perf_counter() - t0, "prune_seconds": prune_seconds, **extra}
+
+
+def summarize(store: ResultStore) -> tuple[str, dict[str, Any]]:
+    runs = [r for r in store.runs.values() if "method" in r]
+    dense = {r["task"]: r for r in store.runs.values() if r.get("kind") == "dense"}
+    out: dict[str, Any] = {}
+    rows = []
+    for task in [t for t in TASKS if t in dense]:
+        by: dict[str, list[dict[str, Any]]] = {}
+        for r in runs:
+            if r["task"] == task and not r.get("grid"):
+                by.setdefault(r["method"], []).append(r)
+        d = dense[task]["test_accuracy"]
+        stats = {}
+        for method, rs in by.items():
+            accs = [r["test_accuracy"] for r in rs]
+            vals = [r["val_accuracy"] for r in rs]
+            stats[method] = {"mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                             "val": statistics.fmean(vals), "n": len(accs), "macs": rs[0]["macs"],
+                             "mac_reduction": rs[0]["dense_macs"] / rs[0]["macs"], "params": rs[0]["params"]}
+            rows.append([task, method, f"{100 * stats[method]['mean']:.2f} ± {100 * stats[method]['std']:.2f}",
+                         str(len(accs)), f"{100 * stats[method]['val']:.2f}", f"{stats[method]['mac_reduction']:.2f}x",
+                         f"{rs[0]['params']:,}", f"{100 * (stats[method]['mean'] - d):+.2f}"])
+        ours = {m: s for m, s in stats.items() if m in OURS}
+        bars: dict[str, Any] = {}
+        if ours:
+            best = max(ours, key=lambda m: ours[m]["val"])
+            bars["chosen_on_val"] = best
+            bars["within_0.5pt_of_dense"] = ours[best]["mean"] >= d - 0.005
+            if "tp_l2" in stats:
+                bars["at_least_torch_pruning"] = ours[best]["mean"] >= stats["tp_l2"]["mean"]
+        ranking = sorted((m for m in ("taylor", "l1", "bn_scale", "apoz", "random") if m in stats),
+                         key=lambda m: -stats[m]["mean"])
+        out[task] = {"dense_test_accuracy": d, "methods": stats, "bars": bars, "criteria_ranking": ranking}
+    header = ["task", "method", "test acc % (mean ± std)", "seeds", "val acc %", "MACs", "params", "vs dense pt"]
+    text = table(rows, header)
+    for task, s in out.items():
+        text += (f"\n{task}: dense {100 * s['dense_test_accuracy']:.2f}%; bars {s['bars']}; criteria by test accuracy "
+                 f"{' > '.join(s['criteria_ranking'])}")
+    return text, out
+
+
+def draw(summary: dict[str, Any], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tasks = list(summary)
+    fig = Figure(figsize=(5 * max(len(tasks), 1), 4))
+    FigureCanvasAgg(fig)
+    for i, task in enumerate(tasks):
+        ax = fig.add_subplot(1, len(tasks), i + 1)
+        s = summary[task]
+        methods = list(s["methods"])
+        means = [100 * s["methods"][m]["mean"] for m in methods]
+        stds = [100 * s["methods"][m]["std"] for m in methods]
+        colors = ["tab:orange" if m.startswith("tp_") else "tab:gray" if m == "dense_ft" else "tab:blue"
+                  for m in methods]
+        ax.bar(range(len(methods)), means, yerr=stds, color=colors, capsize=3)
+        d = 100 * s["dense_test_accuracy"]
+        ax.axhline(d, color="black", lw=1, label=f"dense {d:.2f}%")
+        ax.axhline(d - 0.5, color="black", lw=0.8, ls="--", label="dense - 0.5 pt")
+        lo = min(means + [d]) - 2
+        ax.set_ylim(max(lo, 0), min(max(means + [d]) + 1, 100))
+        ax.set_xticks(range(len(methods)), methods, rotation=40, ha="right", fontsize=8)
+        ax.set_ylabel("test accuracy % (2x fewer MACs, fine-tuned)")
+        ax.set_title(task, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(".png.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke: 3,000 training images, 1 epoch, 1 seed")
+    ap.add_argument("--tasks", nargs="*", default=None, choices=list(TASKS))
+    ap.add_argument("--methods", nargs="*", default=None, help=f"default: {OURS + ['tp_l2', 'dense_ft']}")
+    ap.add_argument("--seeds", nargs="*", type=int, default=None, help="default 0 1 2")
+    ap.add_argument("--lrs", nargs="*", type=float, default=None, help="fine-tuning learning rates tried on val")
+    ap.add_argument("--dense-epochs", type=int, default=None, help="override the task's dense epochs")
+    ap.add_argument("--ft-epochs", type=int, default=None, help="override the task's fine-tuning epochs")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    tasks = args.tasks or list(TASKS)
+    methods = args.methods or OURS + ["tp_l2", "dense_ft"]
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    lrs = args.lrs or ([0.05] if args.quick else [0.01, 0.05])
+    try:
+        import torch_pruning  # noqa: F401
+    except ImportError:
+        print("torch-pruning is not installed: tp_* methods are skipped (pip install torch-pruning==1.6.1 --no-deps)")
+        methods = [m for m in methods if not m.startswith("tp_")]
+    setup_torch(args.threads)
+    store = ResultStore(RESULTS / f"{NAME}{'_quick' if args.quick else ''}.json", NAME,
+                        meta={"target_macs": TARGET, "seeds": seeds, "lrs": lrs, "loadavg_start": list(os.getloadavg())})
+    for task in tasks:
+        spec = TASKS[task]
+        n = 3000 if args.quick else None
+        train_data = _subset(load_dataset(spec["data"], "train"), n)
+        val = _subset(load_dataset(spec["data"], "val"), 1000 if args.quick else None)
+        test = load_dataset(spec["data"], "test")
+        dense_epochs = args.dense_epochs or (1 if args.quick else spec["dense_epochs"])
+        ft_epochs = args.ft_epochs or (1 if args.quick else spec["ft_epochs"])
+        t0 = time.perf_counter()
+        dense = dense_model(task, spec, train_data, dense_epochs, "-quick" if args.quick else "")
+        key = f"{task}/dense"
+        if not store.done(key):
+            store.put(key, {"kind": "dense", "task": task, "epochs": dense_epochs,
+                            "test_accuracy": evaluate(dense, test).accuracy, "val_accuracy": evaluate(dense, val).accuracy,
+                            "macs": count_macs(dense, X).total, "params": count_params(dense),
+                            "seconds": time.perf_counter() - t0})
+        print(f"{task}: dense test accuracy {store.runs[key]['test_accuracy']:.4f}", flush=True)
+        graph = trace(dense, X)
+        sparsity = uniform_sparsity(dense, graph, TARGET)
+        ours_macs = plan(dense, X, sparsity, graph=graph).macs[1]
+        ctx = {"dense": dense, "graph": graph, "sparsity": sparsity, "ours_macs": ours_macs, "train": train_data,
+               "val": val, "test": test, "ft_epochs": ft_epochs, "dense_macs": graph.state.macs}
+        print(f"{task}: uniform sparsity {sparsity:.3f} per group -> {graph.state.macs / ours_macs:.2f}x fewer MACs")
+        # learning rate on the validation split, with l1 and seed 0
+        grid = {}
+        for lr in lrs:
+            k = f"{task}/grid/l1/lr={lr}"
+            if not store.done(k):
+                store.put(k, {**run_one(task, "l1", 0, lr, ctx, args), "grid": True})
+            grid[lr] = store.runs[k]["val_accuracy"]
+        lr = max(grid, key=grid.get)
+        print(f"{task}: fine-tuning lr {lr} (val accuracy {grid})", flush=True)
+        for method in methods:
+            if method == "bn_scale" and spec["model"] != "resnet20":
+                continue  # no BatchNorm in the LeNets: bn_scale would be l1
+            for seed in seeds:
+                k = f"{task}/{method}/seed={seed}"
+                if store.done(k):
+                    continue
+                if method == "l1" and seed == 0 and f"{task}/grid/l1/lr={lr}" in store.runs:
+                    record = {**store.runs[f"{task}/grid/l1/lr={lr}"]}
+                    record.pop("grid")
+                else:
+                    record = run_one(task, method, seed, lr, ctx, args)
+                store.put(k, record)
+                print(f"  {k}: test {record['test_accuracy']:.4f} val {record['val_accuracy']:.4f} "
+                      f"MACs {record['dense_macs'] / record['macs']:.2f}x ({record['seconds']:.0f} s)", flush=True)
+        text, summary = summarize(store)
+        store.doc["summary"] = summary
+        store.doc["meta"]["loadavg_end"] = list(os.getloadavg())
+        store.save()
+        (RESULTS / f"{NAME}{'_quick' if args.quick else ''}.md").write_text(text + "\n")
+        draw(summary, png_path(NAME, args.quick))
+    text, _ = summarize(store)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

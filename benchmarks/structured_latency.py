@@ -1,0 +1,345 @@
+"""Structured pruning, measured: MACs and CPU latency of 15 torchvision models, prunekit vs Torch-Pruning 1.6.1.
+
+For each model (random init, ``torch.manual_seed(0)``, eval mode, 224x224):
+
+* ``dense``: the model as built.
+* ``ours``: ``prunekit.structured.plan(model, x, sparsity=0.5, criterion="l2", round_to=R)``: half of the units of
+  every coupled group (transformers: half the heads, half the MLP hidden units and half the embedding width), no
+  ignore list; prune time = trace + plan (with its check run) + apply.
+* ``theirs``: Torch-Pruning 1.6.1 as in its own ``examples/torchvision_models/torchvision_pruning.py``:
+  ``MetaPruner(model, x, GroupMagnitudeImportance(p=2), pruning_ratio=0.5)``, the 1000-way classifier ignored, ViT
+  rounded to its head count (and ``hidden_dim`` updated afterwards). It runs in a child process with a memory cap
+  (``--tp-memory-gb``) and a time limit, because it can exhaust memory (swin_t); the pruned module is pickled back.
+  Any failure is recorded as the result.
+* ``ours_matched``: prunekit at the MACs Torch-Pruning reached (uniform per-group sparsity found by bisection on the
+  predicted MACs, ``verify=False``, then applied and counted), for the "same speed at equal MACs" comparison.
+
+MACs are counted for all by ``prunekit.flops.count_macs`` at batch 1. Latency is measured in this one process by
+``prunekit.structured.measure_latency``: ``torch.inference_mode``, 2 intra-op threads, ``--warmup`` (>= 3) warm-up
+calls per model, median of ``--repeats`` (>= 10) samples, the models interleaved in rotating order, at batch 1 and
+batch 16. Results are written after every model to ``benchmarks/results/structured_latency[_quick].json`` (a rerun
+skips finished models; delete the file to start over) and drawn to the ``.png`` next to it.
+
+Bars (issue 3): every model loses >= 2x MACs (ours); at batch 16, latency speedup / MAC reduction >= 0.8; at both
+batch sizes, ``ours_matched``'s speedup >= 0.95 x Torch-Pruning's.
+
+Run (quiet machine; ~1 h):  .venv/bin/python benchmarks/structured_latency.py
+Smoke (~3 min):             .venv/bin/python benchmarks/structured_latency.py --quick
+Torch-Pruning is a benchmark-only dependency: ``.venv/bin/pip install torch-pruning==1.6.1 --no-deps``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import png_path, setup_torch, table  # noqa: E402
+from _harness import RESULTS, ResultStore  # noqa: E402
+
+from prunekit.flops import count_macs, count_params  # noqa: E402
+from prunekit.structured import CostModel, measure_latency, plan, trace  # noqa: E402
+
+NAME = "structured_latency"
+MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "densenet121", "efficientnet_b0",
+          "regnet_x_400mf", "shufflenet_v2_x1_0", "vgg11_bn", "convnext_tiny", "vit_b_16", "squeezenet1_0",
+          "googlenet", "mnasnet0_5", "swin_t"]
+QUICK_MODELS = ["resnet18", "mobilenet_v3_small"]
+TOLERANCE = 0.95  # "at least Torch-Pruning's speedup at equal MACs (5% tolerance)"
+
+
+def build(name: str) -> nn.Module:
+    import torchvision.models as tv
+
+    torch.manual_seed(0)
+    kwargs: dict[str, Any] = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
+    return getattr(tv, name)(weights=None, **kwargs).eval()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Torch-Pruning, in a child process
+
+
+def tp_child(name: str, size: int, out: str) -> None:
+    """Prune ``name`` with Torch-Pruning and pickle the module to ``out`` (runs in the child process)."""
+    import torch_pruning as tp
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.set_num_threads(2)
+    model = build(name)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 1000]
+    round_to = model.encoder.layers[0].num_heads if isinstance(model, VisionTransformer) else None
+    t0 = time.perf_counter()
+    pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  pruning_ratio=0.5, ignored_layers=ignored, round_to=round_to)
+    pruner.step()
+    if isinstance(model, VisionTransformer):
+        model.hidden_dim = model.conv_proj.out_channels  # as Torch-Pruning's example does
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        model(x)
+    torch.save(model, out)
+    print(json.dumps({"prune_seconds": seconds}))
+
+
+def run_theirs(name: str, size: int, memory_gb: float, timeout: float) -> tuple[nn.Module | None, dict[str, Any]]:
+    try:
+        import torch_pruning  # noqa: F401
+    except ImportError:
+        return None, {"error": "torch-pruning not installed (pip install torch-pruning==1.6.1 --no-deps)"}
+    import importlib.metadata
+
+    version = importlib.metadata.version("torch-pruning")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "pruned.pt")
+        limit = int(memory_gb * 2**30)
+
+        def cap() -> None:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+        cmd = [sys.executable, __file__, "--tp-child", name, "--size", str(size), "--tp-out", out]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=cap)
+        except subprocess.TimeoutExpired:
+            return None, {"error": f"timeout after {timeout:.0f} s", "version": version}
+        if proc.returncode != 0:
+            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+            what = lines[-1] if lines else f"exit status {proc.returncode}"
+            if proc.returncode < 0 or "MemoryError" in proc.stderr or "alloc" in proc.stderr.lower():
+                what = f"{what} (memory capped at {memory_gb:g} GB; exit status {proc.returncode})"
+            return None, {"error": what[-500:], "version": version}
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        model = torch.load(out, weights_only=False).eval()
+    return model, {**info, "version": version}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# prunekit
+
+
+def run_ours(model: nn.Module, x: torch.Tensor, round_to: int) -> tuple[nn.Module, dict[str, Any], Any]:
+    t0 = time.perf_counter()
+    graph = trace(model, x)
+    p = plan(model, x, 0.5, criterion="l2", round_to=round_to, graph=graph)
+    small = p.apply(copy.deepcopy(model))
+    seconds = time.perf_counter() - t0
+    pruned, total = p.pruned_units
+    return small, {"prune_seconds": seconds, "units": [pruned, total], "groups": len(p.groups),
+                   "round_to": round_to, "ignore": []}, graph
+
+
+def run_matched(model: nn.Module, x: torch.Tensor, graph: Any, target: int, round_to: int,
+                ) -> tuple[nn.Module, dict[str, Any]]:
+    """prunekit with the uniform per-group sparsity whose MACs come closest to ``target`` (predicted, then counted)."""
+    cost = CostModel(model, graph)
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(14):
+        s = (lo + hi) / 2
+        p = plan(model, x, s, round_to=round_to, graph=graph, verify=False)
+        macs = p.macs[1]
+        if best is None or abs(macs - target) < abs(best[1] - target):
+            best = (s, macs)
+        if macs > target:
+            lo = s
+        else:
+            hi = s
+    s = best[0]
+    p = plan(model, x, s, round_to=round_to, graph=graph)
+    small = p.apply(copy.deepcopy(model))
+    del cost
+    return small, {"sparsity": s, "round_to": round_to, "target_macs": target}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def one_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    x = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    dense = build(name)
+    record: dict[str, Any] = {"model": name, "input": [1, 3, args.size, args.size],
+                              "dense": {"macs": count_macs(dense, x).total, "params": count_params(dense)}}
+    models = {"dense": dense}
+    try:
+        ours, info, graph = run_ours(dense, x, args.round_to)
+        models["ours"] = ours
+        record["ours"] = {**info, "macs": count_macs(ours, x).total, "params": count_params(ours)}
+    except Exception as exc:  # a failure is a result
+        graph = None
+        record["ours"] = {"error": f"{type(exc).__name__}: {exc}"[:800], "traceback": traceback.format_exc()[-2000:]}
+    if args.torch_pruning:
+        theirs, info = run_theirs(name, args.size, args.tp_memory_gb, args.tp_timeout)
+        if theirs is not None:
+            try:
+                info.update(macs=count_macs(theirs, x).total, params=count_params(theirs))
+                models["theirs"] = theirs
+            except Exception as exc:
+                info["error"] = f"pruned model does not run: {type(exc).__name__}: {exc}"[:800]
+        record["theirs"] = info
+        if "theirs" in models and graph is not None:
+            matched, minfo = run_matched(dense, x, graph, record["theirs"]["macs"], args.round_to)
+            models["ours_matched"] = matched
+            record["ours_matched"] = {**minfo, "macs": count_macs(matched, x).total, "params": count_params(matched)}
+    record["widths"] = widths(models)
+    record["latency"] = {}
+    for batch in args.batches:
+        xb = torch.randn(batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
+        times = measure_latency(models, xb, repeats=args.repeats, warmup=args.warmup, threads=args.threads)
+        record["latency"][str(batch)] = {k: v.to_dict() for k, v in times.items()}
+    record["summary"] = summarize_model(record)
+    return record
+
+
+def widths(models: dict[str, nn.Module]) -> dict[str, Any]:
+    """Output width of every conv/linear layer per model (for diagnosing latency per MAC: multiples of 8, groups),
+    and how many layers of each model have a width that is not a multiple of 8."""
+    table_: dict[str, list[int | None]] = {}
+    keys = list(models)
+    for k, model in enumerate(models.values()):
+        for name, m in model.named_modules():
+            width = getattr(m, "out_channels", getattr(m, "out_features", None))
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and width is not None:
+                table_.setdefault(name, [None] * len(keys))[k] = int(width)
+    odd = {key: sum(1 for w in table_.values() if w[k] is not None and w[k] % 8) for k, key in enumerate(keys)}
+    return {"models": keys, "layers": table_, "not_multiple_of_8": odd}
+
+
+def summarize_model(r: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    dense_macs = r["dense"]["macs"]
+    for who in ("ours", "ours_matched", "theirs"):
+        if "macs" not in r.get(who, {}):
+            continue
+        red = dense_macs / r[who]["macs"]
+        entry = {"mac_reduction": red}
+        for batch, lat in r["latency"].items():
+            if who in lat:
+                speed = lat["dense"]["median"] / lat[who]["median"]
+                entry[f"speedup_b{batch}"] = speed
+                entry[f"ratio_b{batch}"] = speed / red
+        out[who] = entry
+    bars: dict[str, Any] = {}
+    if "ours" in out:
+        bars["macs_2x"] = out["ours"]["mac_reduction"] >= 2.0
+        if "ratio_b16" in out["ours"]:
+            bars["ratio_b16_0.8"] = out["ours"]["ratio_b16"] >= 0.8
+    if "theirs" in out and "ours_matched" in out:
+        for batch in r["latency"]:
+            key = f"speedup_b{batch}"
+            bars[f"vs_tp_b{batch}"] = out["ours_matched"][key] >= TOLERANCE * out["theirs"][key]
+    elif "theirs" not in out:
+        bars["vs_tp"] = "n/a: Torch-Pruning failed" if "error" in r.get("theirs", {}) else "n/a"
+    out["bars"] = bars
+    return out
+
+
+def draw(runs: dict[str, Any], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = [n for n in runs if "summary" in runs[n]]
+    batches = sorted({b for n in names for b in runs[n]["latency"]}, key=int)
+    fig = Figure(figsize=(max(8, 0.8 * len(names) + 3), 4 * len(batches)))
+    FigureCanvasAgg(fig)
+    for i, batch in enumerate(batches):
+        ax = fig.add_subplot(len(batches), 1, i + 1)
+        width = 0.27
+        for k, (who, color) in enumerate((("ours", "tab:blue"), ("ours_matched", "tab:cyan"), ("theirs", "tab:orange"))):
+            vals = [runs[n]["summary"].get(who, {}).get(f"speedup_b{batch}", 0.0) for n in names]
+            macs = [runs[n]["summary"].get(who, {}).get("mac_reduction", 0.0) for n in names]
+            xs = [j + (k - 1) * width for j in range(len(names))]
+            ax.bar(xs, vals, width, color=color, label=f"{who}: measured speedup")
+            ax.scatter(xs, macs, marker="_", s=120, color="black", zorder=3,
+                       label="MAC reduction" if k == 0 else None)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(f"x faster than dense (batch {batch})")
+        ax.axhline(1.0, color="gray", lw=0.5)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    tmp = path.with_suffix(".png.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 models, 64x64, batches 1 and 4, 3 repeats")
+    ap.add_argument("--models", nargs="*", default=None, help=f"subset of {MODELS}")
+    ap.add_argument("--batches", nargs="*", type=int, default=None, help="batch sizes (default 1 16)")
+    ap.add_argument("--size", type=int, default=None, help="image side (default 224)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per model (default 10)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--round-to", type=int, default=8, help="prunekit's round_to (default 8)")
+    ap.add_argument("--torch-pruning", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--tp-memory-gb", type=float, default=8.0, help="address-space cap of the Torch-Pruning child")
+    ap.add_argument("--tp-timeout", type=float, default=1200.0)
+    ap.add_argument("--tp-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--tp-out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.tp_child:
+        tp_child(args.tp_child, args.size or 224, args.tp_out)
+        return 0
+    args.models = args.models or (QUICK_MODELS if args.quick else MODELS)
+    args.batches = args.batches or ([1, 4] if args.quick else [1, 16])
+    args.size = args.size or (64 if args.quick else 224)
+    args.repeats = args.repeats or (3 if args.quick else 10)
+    if args.quick:
+        args.warmup = min(args.warmup, 1)
+    setup_torch(args.threads)
+    store = ResultStore(RESULTS / f"{NAME}{'_quick' if args.quick else ''}.json", NAME, meta={
+        "size": args.size, "batches": args.batches, "repeats": args.repeats, "warmup": args.warmup,
+        "threads": args.threads, "round_to": args.round_to, "tp_memory_gb": args.tp_memory_gb,
+        "loadavg_start": list(os.getloadavg()), "ignore_lists": {"ours": [], "theirs": "nn.Linear(out=1000)"}})
+    for name in args.models:
+        if store.done(name):
+            print(f"{name}: done (in {store.path.name}), skipped")
+            continue
+        t0 = time.perf_counter()
+        print(f"{name} ...", flush=True)
+        record = one_model(name, args)
+        record["seconds"] = time.perf_counter() - t0
+        record["loadavg"] = list(os.getloadavg())
+        store.put(name, record)
+        s = record["summary"]
+        print(f"  {json.dumps({k: v for k, v in s.items()}, default=str)}", flush=True)
+        draw(store.runs, png_path(NAME, args.quick))
+    store.doc["meta"]["loadavg_end"] = list(os.getloadavg())
+    store.save()
+    rows = []
+    for name, r in store.runs.items():
+        s = r.get("summary", {})
+        o, m, t = s.get("ours", {}), s.get("ours_matched", {}), s.get("theirs", {})
+        err = r.get("theirs", {}).get("error", "")
+
+        def f(d: dict[str, Any], k: str) -> str:
+            return f"{d[k]:.2f}" if k in d else "-"
+
+        b = [str(x) for x in store.doc["meta"]["batches"]]
+        rows.append([name, f(o, "mac_reduction"), *(f(o, f"speedup_b{x}") for x in b), f(o, f"ratio_b{b[-1]}"),
+                     f(t, "mac_reduction"), *(f(t, f"speedup_b{x}") for x in b), f(m, "mac_reduction"),
+                     *(f(m, f"speedup_b{x}") for x in b), ("FAIL: " + err[:40]) if err else "",
+                     " ".join(f"{k}={v}" for k, v in s.get("bars", {}).items())])
+    b = [str(x) for x in store.doc["meta"]["batches"]]
+    header = ["model", "ours MACx", *(f"ours b{x}" for x in b), f"ratio b{b[-1]}", "TP MACx",
+              *(f"TP b{x}" for x in b), "matched MACx", *(f"matched b{x}" for x in b), "TP error", "bars"]
+    print(table(rows, header))
+    print(f"results: {store.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

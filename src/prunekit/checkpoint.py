@@ -1,0 +1,210 @@
+"""Checkpoints: model weights, pruning masks and schedule position, optimizer and LR-scheduler state in one file.
+
+The file is a prunekit safetensors file (:mod:`prunekit.fileformat`; no pickle). The model's tensors are stored under
+their own ``state_dict`` keys (prefix ``model/``), so the weights load strictly into a fresh instance of the
+architecture; masks are stored as ``bool`` tensors under ``mask/``. A resumed run continues with identical masks.
+
+With ``save(..., compress=True)`` every tensor is stored in whichever compressed layout is smallest for it
+(:mod:`prunekit.compress`: entropy-coded positions of the non-zeros and split, entropy-coded values; dense tensors
+never grow) and a mask that equals its weight's non-zero pattern takes no room at all. ``compress="fp16"``,
+``"int8"`` or ``"kmeans"`` (or a :class:`~prunekit.compress.Compression`) also rounds the values of the model's
+weight matrices and convolution kernels (floating-point tensors with two or more dimensions); positions, biases,
+normalisation parameters, masks and optimizer state stay exact. :func:`load` reads every variant.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.compress import Compression
+from prunekit.fileformat import FileFormatError, pack, read, unpack, write
+from prunekit.pruner import Pruner, unwrap
+from prunekit.scoring import Criterion
+
+__all__ = ["Checkpoint", "load", "load_weights", "save"]
+
+KIND = "checkpoint"
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load` restored.
+
+    Attributes:
+        model: The model, with the stored weights loaded.
+        pruner: The Pruner with its masks and schedule position, or None if the file holds no pruning state.
+        extra: The JSON-able ``extra`` document given to :func:`save` (e.g. epoch, metrics).
+    """
+
+    model: nn.Module
+    pruner: Pruner | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _fingerprint(state: Mapping[str, torch.Tensor]) -> dict[str, list[Any]]:
+    return {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in state.items()}
+
+
+def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """``model.load_state_dict(state, strict=True)`` with an error that lists every missing, unexpected and
+    mismatched tensor (``what`` starts the message, e.g. "file.pth holds weights that")."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
+    if missing or unexpected or mismatched:
+        def cut(items: list[str]) -> str:
+            return f"{items[:10]}{' ...' if len(items) > 10 else ''}"
+
+        raise ValueError(
+            f"{what} does not fit this {type(model).__name__}: missing {cut(missing)}, unexpected {cut(unexpected)}, "
+            f"shape mismatch {cut(mismatched)}. Build the same architecture (and configuration) that was saved."
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+    """Load weights into ``model`` strictly from a prunekit checkpoint or a third-party ``.pt``/``.pth`` state dict.
+
+    Third-party files are read with ``torch.load(..., weights_only=True)``: tensors and plain containers only, no
+    arbitrary objects are unpickled. A ``{"state_dict": {...}}`` wrapper is unwrapped.
+
+    Returns:
+        ``model``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}")
+    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types for unreadable or unsafe files
+            raise FileFormatError(f"cannot read {path} as a weights-only PyTorch file: {exc}") from None
+        if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+            state = state["state_dict"]
+        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise FileFormatError(f"{path} does not hold a state dict of tensors (got {type(state).__name__})")
+        _load_strict(unwrap(model), state, f"{path} holds weights that")
+        return model
+    load(path, model)
+    return model
+
+
+def save(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    pruner: Pruner | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    extra: Mapping[str, Any] | None = None,
+    compress: bool | str | Compression | None = False,
+) -> Path:
+    """Save a (pruned) model and, optionally, everything needed to resume training, atomically.
+
+    Args:
+        model: The model (wrappers such as DistributedDataParallel are unwrapped).
+        path: Destination file (conventionally ``*.safetensors`` or ``*.pk``).
+        pruner: The Pruner whose masks and schedule position to store.
+        optimizer: Optimizer whose state to store.
+        scheduler: LR scheduler (anything with ``state_dict()``) whose state to store.
+        extra: A JSON-able document stored alongside (epoch, metrics, command line, ...).
+        compress: False: tensors as they are. True or ``"lossless"``: compressed, bit-exact (negative zeros are
+            stored as +0.0). ``"fp16"``, ``"int8"``, ``"kmeans"`` or a :class:`~prunekit.compress.Compression`:
+            compressed, with lossy values for the weight matrices / kernels (zeros stay zero).
+
+    Returns:
+        The path written.
+
+    Examples:
+        >>> import tempfile
+        >>> from torch import nn
+        >>> import prunekit
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> pruner = prunekit.prune(model, sparsity=0.5)
+        >>> path = save(model, tempfile.mkdtemp() + "/ckpt.safetensors", pruner=pruner, extra={"epoch": 3})
+        >>> ckpt = load(path, nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)))
+        >>> ckpt.pruner.masks.equal(pruner.masks), ckpt.extra
+        (True, {'epoch': 3})
+        >>> packed = save(model, tempfile.mkdtemp() + "/ckpt.pk", pruner=pruner, compress=True)
+        >>> again = load(packed, nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)))
+        >>> torch.equal(again.model[0].weight, model[0].weight), again.pruner.masks.equal(pruner.masks)
+        (True, True)
+    """
+    comp = Compression.parse(compress)
+    model = unwrap(model)
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {f"model/{k}": v for k, v in state.items()}
+    meta: dict[str, Any] = {"model": {"class": type(model).__name__, "tensors": _fingerprint(state)}, "extra": dict(extra or {})}
+    if pruner is not None:
+        if pruner.model is not model:
+            raise ValueError("the pruner belongs to another model than the one being saved")
+        pstate = pruner.state_dict()
+        tensors.update({f"mask/{k}": v for k, v in pstate["masks"].items()})
+        meta["pruner"] = pstate["config"]
+    if optimizer is not None:
+        meta["optimizer"] = pack(optimizer.state_dict(), "optimizer", tensors)
+    if scheduler is not None:
+        meta["scheduler"] = pack(scheduler.state_dict(), "scheduler", tensors)
+    if comp is None:
+        return write(path, tensors, meta, kind=KIND)
+    exact = Compression(keep_negative_zero=comp.keep_negative_zero)
+    per_tensor = {
+        name: comp if name.startswith("model/") and t.is_floating_point() and t.dim() >= 2 else exact
+        for name, t in tensors.items()
+    }
+    patterns = {name: "model/" + name.removeprefix("mask/") for name in tensors if name.startswith("mask/")}
+    return write(path, tensors, meta, kind=KIND, compression=per_tensor, patterns=patterns)
+
+
+def load(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    criterion: str | Criterion | None = None,
+    map_location: str | torch.device = "cpu",
+) -> Checkpoint:
+    """Load a checkpoint written by :func:`save` into ``model`` (strictly) and rebuild the Pruner.
+
+    Args:
+        path: The checkpoint file.
+        model: A fresh instance of the same architecture; its weights are overwritten.
+        optimizer: If given, its state is restored (the file must hold optimizer state).
+        scheduler: If given, its state is restored.
+        criterion: Needed only if the Pruner was built with a custom criterion function.
+        map_location: Device for the loaded tensors.
+
+    Returns:
+        A :class:`Checkpoint` with the model, the Pruner (or None) and the ``extra`` document.
+
+    Raises:
+        prunekit.fileformat.FileFormatError: If the file is missing, corrupted or not a checkpoint.
+        ValueError: If the checkpoint was saved from another model (lists missing, unexpected and mismatched tensors).
+    """
+    tensors, meta = read(path, kind=KIND, device=map_location)
+    model = unwrap(model)
+    state = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
+    _load_strict(model, state, f"{path} holds a checkpoint of a {meta.get('model', {}).get('class', '?')} that")
+    pruner = None
+    if "pruner" in meta:
+        masks = {k.removeprefix("mask/"): v for k, v in tensors.items() if k.startswith("mask/")}
+        pruner = Pruner.from_state_dict(model, {"masks": masks, "config": meta["pruner"]}, criterion=criterion)
+    if optimizer is not None:
+        if "optimizer" not in meta:
+            raise FileFormatError(f"{path} holds no optimizer state; save it with save(..., optimizer=opt)")
+        optimizer.load_state_dict(unpack(meta["optimizer"], tensors))
+    if scheduler is not None:
+        if "scheduler" not in meta:
+            raise FileFormatError(f"{path} holds no scheduler state; save it with save(..., scheduler=sched)")
+        scheduler.load_state_dict(unpack(meta["scheduler"], tensors))
+    return Checkpoint(model=model, pruner=pruner, extra=meta.get("extra", {}))

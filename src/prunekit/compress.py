@@ -1,0 +1,874 @@
+"""Compressed storage of (sparse) tensors: entropy-coded positions + split, entropy-coded values.
+
+Every tensor is encoded on its own, with whichever of these layouts is smallest for it:
+
+* ``raw`` — the tensor's bytes as they are. A tensor never takes more room than this, so dense tensors never grow.
+* ``values`` — all elements, their bytes split into planes that are entropy-coded separately (see below).
+* ``sparse`` — the positions of the non-zero elements, then the non-zero values, split and coded the same way.
+
+Positions are coded either as the gaps between consecutive non-zeros (one byte per gap, longer gaps escaped into a
+``uint32``/``uint64`` side stream) or as a packed bitmask, whichever is smaller. Values are split so that the parts
+with structure are coded apart from the random-looking mantissa bits: for ``float32`` the 8 exponent bits, then the
+sign with the 7 top mantissa bits (coded *separately for each exponent value*, so their skew within an octave is
+captured), then the two low mantissa bytes; ``bfloat16`` likewise; other dtypes by byte plane. Each byte stream is
+stored raw or with the smallest of Huffman coding (zlib, Huffman only), deflate and LZMA (raw LZMA2, only for
+streams up to :data:`LZMA_MAX_BYTES`, and only if it saves at least :data:`LZMA_MIN_GAIN`, because it decodes about
+ten times slower). All of it is Python's standard library (``zlib``, ``lzma``) plus numpy, vectorised.
+
+Lossless means bit-exact for every element, with one documented exception: negative zeros (``-0.0``, which pruning
+by multiplication leaves where negative weights were zeroed; ``-0.0 == 0.0``) come back as ``+0.0`` unless
+``Compression(keep_negative_zero=True)``. Optional lossy value codecs (positions stay exact, so zeros stay zero):
+
+* ``"fp16"`` — values rounded to float16 (tensors with values outside float16's range stay exact);
+* ``"int8"`` — symmetric int8 with one scale per row (output channel): ``w ≈ q * max|w_row| / 127``;
+* ``"kmeans"`` — weight sharing (Han et al. 2016, Deep Compression, https://arxiv.org/abs/1510.00149): the non-zero
+  values of a tensor are replaced by the nearest of ``2**bits`` centroids found by 1-D k-means (linear
+  initialisation, as in the paper), and only the centroid indices are stored.
+
+Examples:
+    >>> import torch
+    >>> w = torch.randn(64, 64)
+    >>> w[w.abs() < 1.5] = 0  # about 87% zeros
+    >>> header, payload = encode(w)
+    >>> header["layout"], len(payload) < w.numel() * 4 / 5
+    ('sparse', True)
+    >>> torch.equal(decode(header, payload), w)
+    True
+"""
+
+from __future__ import annotations
+
+import lzma
+import math
+import sys
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "LZMA_MAX_BYTES",
+    "LZMA_MIN_GAIN",
+    "PACK_NUMEL",
+    "VALUE_CODECS",
+    "Compression",
+    "CompressionError",
+    "decode",
+    "decode_tensors",
+    "encode",
+    "encode_tensors",
+    "kmeans_1d",
+    "positions_of",
+    "quantize_rows",
+]
+
+VALUE_CODECS = ("exact", "fp16", "int8", "kmeans")
+LZMA_MAX_BYTES = 1 << 19  # LZMA decodes ~10x slower than Huffman: only short streams may use it
+LZMA_MIN_GAIN = 0.05  # ... and only if it is at least this much smaller than the best other method
+_ESCAPE = 255  # gap bytes: 255 means "the real gap is in the side stream"
+_MIN_CONTEXT = 512  # exponent values seen fewer times than this share one sign/mantissa stream
+
+_DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d
+    for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+              torch.int8, torch.uint8, torch.bool)
+}
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class CompressionError(ValueError):
+    """An encoded tensor cannot be decoded: its header or payload is inconsistent (corrupted file or a bug)."""
+
+
+@dataclass(frozen=True)
+class Compression:
+    """How to store tensors compressed.
+
+    Args:
+        values: ``"exact"`` (lossless), or a lossy value codec for floating-point tensors: ``"fp16"``, ``"int8"``
+            (per-row scales) or ``"kmeans"`` (``2**bits`` shared values per tensor).
+        bits: Index bits of the ``"kmeans"`` codec (1 to 8).
+        keep_negative_zero: Keep the sign of zeros too (``-0.0``); costs room where pruning left negative zeros.
+
+    Examples:
+        >>> Compression("int8")
+        Compression(values='int8', bits=5, keep_negative_zero=False)
+        >>> Compression("int4")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown value codec 'int4'; choose one of ('exact', 'fp16', 'int8', 'kmeans')
+    """
+
+    values: str = "exact"
+    bits: int = 5
+    keep_negative_zero: bool = False
+
+    def __post_init__(self) -> None:
+        if self.values not in VALUE_CODECS:
+            raise ValueError(f"unknown value codec {self.values!r}; choose one of {VALUE_CODECS}")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
+            raise ValueError(f"bits={self.bits!r} must be an int from 1 to 8 (k-means uses 2**bits shared values)")
+
+    @property
+    def lossless(self) -> bool:
+        return self.values == "exact"
+
+    @classmethod
+    def parse(cls, spec: bool | str | Compression | None) -> Compression | None:
+        """``None``/``False`` -> None (no compression); ``True``/``"lossless"`` -> lossless; ``"fp16"``, ``"int8"``,
+        ``"kmeans"`` -> that lossy value codec; a :class:`Compression` is returned as it is.
+
+        Examples:
+            >>> Compression.parse(True), Compression.parse("kmeans").values, Compression.parse(None)
+            (Compression(values='exact', bits=5, keep_negative_zero=False), 'kmeans', None)
+        """
+        if spec is None or spec is False:
+            return None
+        if spec is True or spec == "lossless":
+            return cls()
+        if isinstance(spec, Compression):
+            return spec
+        if isinstance(spec, str) and spec in VALUE_CODECS:
+            return cls(values=spec)
+        raise ValueError(
+            f"compress={spec!r} is not understood; use False, True/'lossless', one of {VALUE_CODECS[1:]} "
+            "or a prunekit.compress.Compression(...)"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# byte streams
+
+
+def _huffman(data: bytes) -> bytes:
+    c = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_HUFFMAN_ONLY)
+    return c.compress(data) + c.flush()
+
+
+def _deflate(data: bytes) -> bytes:
+    c = zlib.compressobj(6, zlib.DEFLATED, -15, 9)
+    return c.compress(data) + c.flush()
+
+
+def _lzma(data: bytes) -> bytes:
+    # literal coding with no context (lc=lp=pb=0) suits streams of independent symbols; a dictionary no larger than
+    # the stream keeps the encoder's set-up cheap
+    dict_size = max(1 << 16, 1 << max(len(data) - 1, 1).bit_length())
+    filters = [{"id": lzma.FILTER_LZMA2, "preset": 6, "dict_size": dict_size, "lc": 0, "lp": 0, "pb": 0}]
+    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=filters)
+
+
+def _pack(data: bytes) -> tuple[str, bytes]:
+    """The smallest of raw / Huffman / deflate (/ LZMA for short streams) for one byte stream."""
+    best_method, best = "raw", data
+    if len(data) < 16:
+        return best_method, best
+    out = _huffman(data)
+    if len(out) < len(best):
+        best_method, best = "huffman", out
+    huffman_ratio = len(out) / len(data)
+    if huffman_ratio > 0.97 and len(data) > 4096:
+        return best_method, best  # random-looking bytes (low mantissa bits): nothing else will do better
+    out = _deflate(data)
+    if len(out) < len(best):
+        best_method, best = "deflate", out
+    # LZMA's arithmetic coder beats Huffman's whole bits on skewed streams (exponents, gaps); elsewhere it only costs
+    if len(data) <= LZMA_MAX_BYTES and (huffman_ratio < 0.6 or len(data) <= 4096):
+        out = _lzma(data)
+        if len(out) < (1.0 - LZMA_MIN_GAIN) * len(best):
+            best_method, best = "lzma", out
+    return best_method, best
+
+
+def _unpack(method: str, blob: memoryview | bytes, size: int) -> bytes:
+    try:
+        if method == "raw":
+            out = bytes(blob)
+        elif method in ("huffman", "deflate"):
+            out = zlib.decompress(blob, -15)
+        elif method == "lzma":
+            out = lzma.decompress(blob, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}])
+        else:
+            raise CompressionError(f"unknown stream method {method!r}")
+    except (zlib.error, lzma.LZMAError) as exc:
+        raise CompressionError(f"a {method} stream does not decode: {exc}") from None
+    if len(out) != size:
+        raise CompressionError(f"a {method} stream decoded to {len(out)} bytes, expected {size}")
+    return out
+
+
+class _Writer:
+    """Collects the coded streams of one tensor: ``header["streams"]`` is ``[[method, stored, decoded], ...]``."""
+
+    def __init__(self) -> None:
+        self.streams: list[list[Any]] = []
+        self.parts: list[bytes] = []
+
+    def add(self, array: np.ndarray) -> None:
+        raw = np.ascontiguousarray(array).tobytes()
+        method, blob = _pack(raw)
+        self.streams.append([method, len(blob), len(raw)])
+        self.parts.append(blob)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+
+class _Reader:
+    def __init__(self, streams: list[list[Any]], payload: memoryview) -> None:
+        self.streams, self.payload, self.i, self.offset = streams, payload, 0, 0
+
+    def next(self, dtype: type[np.generic] = np.uint8) -> np.ndarray:
+        if self.i >= len(self.streams):
+            raise CompressionError("the header lists fewer streams than the codec needs")
+        method, stored, size = self.streams[self.i]
+        blob = self.payload[self.offset : self.offset + stored]
+        if len(blob) != stored:
+            raise CompressionError(f"the payload ends inside stream {self.i} (truncated)")
+        self.i += 1
+        self.offset += stored
+        return np.frombuffer(_unpack(method, blob, size), dtype=dtype)
+
+    def done(self) -> None:
+        if self.i != len(self.streams) or self.offset != len(self.payload):
+            raise CompressionError(
+                f"the payload has {len(self.payload) - self.offset} unread bytes / {len(self.streams) - self.i} "
+                "unread streams"
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# positions
+
+
+def _put_flat_positions(w: _Writer, keep: np.ndarray) -> str:
+    """Code the boolean vector ``keep`` as gaps or as a bitmask, whichever is smaller; returns the method name."""
+    n = keep.size
+    idx = np.flatnonzero(keep)
+    gaps = np.diff(idx, prepend=-1) - 1  # zeros before each kept element
+    wide = np.uint32 if n < 2**32 else np.uint64
+    gap_writer = _Writer()
+    gap_writer.add(np.minimum(gaps, _ESCAPE).astype(np.uint8))
+    gap_writer.add(gaps[gaps >= _ESCAPE].astype(wide))
+    bit_writer = _Writer()
+    bit_writer.add(np.packbits(keep))
+    chosen, method = (gap_writer, "gaps") if gap_writer.nbytes <= bit_writer.nbytes else (bit_writer, "bitmask")
+    w.streams += chosen.streams
+    w.parts += chosen.parts
+    return method
+
+
+def _get_flat_positions(r: _Reader, method: str, n: int, count: int, as_mask: bool = False) -> np.ndarray:
+    """Indices (int64, ascending) of the ``count`` kept elements among ``n`` — or, for a bitmask and ``as_mask``, the
+    boolean mask itself (cheaper to scatter with)."""
+    if method == "gaps":
+        small = r.next(np.uint8)
+        wide = r.next(np.uint32 if n < 2**32 else np.uint64)
+        if small.size != count:
+            raise CompressionError(f"{small.size} gaps for {count} non-zeros")
+        gaps = small.astype(np.int64)
+        escaped = small == _ESCAPE
+        if int(escaped.sum()) != wide.size:
+            raise CompressionError("escaped gaps and the side stream disagree")
+        gaps[escaped] = wide
+        idx = np.cumsum(gaps + 1) - 1
+    elif method == "bitmask":
+        bits = r.next(np.uint8)
+        if bits.size != (n + 7) // 8:
+            raise CompressionError(f"bitmask of {bits.size} bytes for {n} elements")
+        mask = np.unpackbits(bits, count=n).view(bool)
+        if as_mask:
+            if int(np.count_nonzero(mask)) != count:
+                raise CompressionError(f"bitmask holds {int(np.count_nonzero(mask))} positions, expected {count}")
+            return mask
+        idx = np.flatnonzero(mask)
+    else:
+        raise CompressionError(f"unknown positions method {method!r}")
+    if idx.size != count or (count and (idx[0] < 0 or idx[-1] >= n)):
+        raise CompressionError(f"positions decode to {idx.size} indices in [0, {n}), expected {count}")
+    return idx
+
+
+def _put_positions(w: _Writer, keep: np.ndarray, shape: tuple[int, ...]) -> str:
+    """Code the kept positions; for tensors with 2+ dims, empty rows (output channels) and columns (inputs) are first
+    taken out with two bitmaps when that is smaller — they cost nothing more after that. Returns the method name."""
+    flat = _Writer()
+    method = _put_flat_positions(flat, keep)
+    if len(shape) >= 2 and keep.size:
+        grid = keep.reshape(shape[0], -1)  # (rows, cols)
+        live_rows, live_cols = grid.any(axis=1), grid.any(axis=0)
+        if not (live_rows.all() and live_cols.all()):
+            sub = _Writer()
+            sub.add(np.packbits(live_rows))
+            sub.add(np.packbits(live_cols))
+            sub_method = _put_flat_positions(sub, grid[live_rows][:, live_cols].reshape(-1))
+            if sub.nbytes < flat.nbytes:
+                flat, method = sub, "live-" + sub_method
+    w.streams += flat.streams
+    w.parts += flat.parts
+    return method
+
+
+def _get_positions(r: _Reader, method: str, shape: tuple[int, ...], count: int, as_mask: bool = False) -> np.ndarray:
+    n = math.prod(shape)
+    if not method.startswith("live-"):
+        return _get_flat_positions(r, method, n, count, as_mask)
+    if len(shape) < 2:
+        raise CompressionError(f"live-row/column positions for a tensor of shape {shape}")
+    rows, cols = shape[0], n // shape[0]
+    live_rows = np.flatnonzero(np.unpackbits(r.next(), count=rows))
+    live_cols = np.flatnonzero(np.unpackbits(r.next(), count=cols))
+    sub = _get_flat_positions(r, method.removeprefix("live-"), live_rows.size * live_cols.size, count)
+    return live_rows[sub // live_cols.size] * cols + live_cols[sub % live_cols.size]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# exact values
+
+
+def _context_split(context: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """How a stream is split by its context byte: one part per frequent context value (in value order), then one
+    part for all rare ones. Returns ``(order, sizes)``: ``data[order]`` is the concatenation of the parts (``order``
+    is None when there is only one part); the decoder recomputes the same split from the decoded contexts."""
+    counts = np.bincount(context, minlength=256)
+    frequent = counts >= _MIN_CONTEXT
+    if int(frequent.sum()) <= 1 and counts[frequent].sum() == context.size:
+        return None, np.array([context.size])
+    lut = np.cumsum(frequent) - 1  # frequent value -> its part
+    lut[~frequent] = int(frequent.sum())  # rare values -> the last part
+    group = lut.astype(np.uint16)[context]
+    sizes = np.bincount(group, minlength=int(frequent.sum()) + 1)
+    return np.argsort(group, kind="stable"), sizes
+
+
+def _put_split(w: _Writer, context: np.ndarray, data: np.ndarray) -> None:
+    order, sizes = _context_split(context)
+    ordered = data if order is None else data[order]
+    for part in np.split(ordered, np.cumsum(sizes)[:-1]):
+        w.add(part)
+
+
+def _get_split(r: _Reader, context: np.ndarray) -> np.ndarray:
+    order, sizes = _context_split(context)
+    parts = [r.next(np.uint8) for _ in sizes]
+    if [p.size for p in parts] != sizes.tolist():
+        raise CompressionError("a context stream has the wrong length")
+    joined = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    if order is None:
+        return joined
+    out = np.empty(context.size, dtype=np.uint8)
+    out[order] = joined
+    return out
+
+
+def _value_layout(dtype: torch.dtype) -> str:
+    return {torch.float32: "f32", torch.bfloat16: "bf16"}.get(dtype, "planes")
+
+
+def _put_values(w: _Writer, bits: np.ndarray, layout: str) -> None:
+    """Code unsigned-integer views of values (``bits``) split into planes."""
+    if layout == "f32":  # sign | exponent (8) | mantissa (23)
+        exponent = ((bits >> 23) & 0xFF).astype(np.uint8)
+        top = ((((bits >> 16) & 0x7F) << 1) | (bits >> 31)).astype(np.uint8)  # 7 top mantissa bits, then the sign
+        w.add(exponent)
+        _put_split(w, exponent, top)
+        w.add(((bits >> 8) & 0xFF).astype(np.uint8))
+        w.add((bits & 0xFF).astype(np.uint8))
+    elif layout == "bf16":  # sign | exponent (8) | mantissa (7)
+        exponent = ((bits >> 7) & 0xFF).astype(np.uint8)
+        w.add(exponent)
+        _put_split(w, exponent, ((((bits & 0x7F) << 1) | (bits >> 15)) & 0xFF).astype(np.uint8))
+    else:  # byte planes, most significant first; the second plane is coded per value of the first
+        size = bits.dtype.itemsize
+        planes = [((bits >> (8 * (size - 1 - k))) & 0xFF).astype(np.uint8) for k in range(size)]
+        w.add(planes[0])
+        if size > 1:
+            _put_split(w, planes[0], planes[1])
+        for plane in planes[2:]:
+            w.add(plane)
+
+
+def _get_values(r: _Reader, layout: str, itemsize: int, count: int) -> np.ndarray:
+    utype = _UINT[itemsize]
+    if layout == "f32":
+        exponent = r.next()
+        top = _get_split(r, exponent)
+        mid, low = r.next(), r.next()
+        if not exponent.size == mid.size == low.size == count:
+            raise CompressionError("value planes of different lengths")
+        if sys.byteorder != "little":  # pragma: no cover - all supported platforms are little-endian
+            return ((top.astype(np.uint32) & 1) << 31) | (exponent.astype(np.uint32) << 23) | \
+                ((top.astype(np.uint32) >> 1) << 16) | (mid.astype(np.uint32) << 8) | low.astype(np.uint32)
+        # assemble the little-endian bytes of each float32 column by column: cheaper than 32-bit shifts
+        out = np.empty((count, 4), dtype=np.uint8)
+        out[:, 0] = low
+        out[:, 1] = mid
+        out[:, 2] = ((exponent & 1) << 7) | (top >> 1)
+        out[:, 3] = ((top & 1) << 7) | (exponent >> 1)
+        return out.view(np.uint32).reshape(count)
+    if layout == "bf16":
+        exponent = r.next()
+        top = _get_split(r, exponent).astype(np.uint16)
+        if exponent.size != count:
+            raise CompressionError("value planes of different lengths")
+        return ((top & 1) << 15) | (exponent.astype(np.uint16) << 7) | (top >> 1)
+    if layout != "planes":
+        raise CompressionError(f"unknown value layout {layout!r}")
+    planes = [r.next()]
+    if itemsize > 1:
+        planes.append(_get_split(r, planes[0]))
+    planes += [r.next() for _ in range(itemsize - 2)]
+    if any(p.size != count for p in planes):
+        raise CompressionError("value planes of different lengths")
+    out = np.zeros(count, dtype=utype)
+    for k, plane in enumerate(planes):
+        out |= plane.astype(utype) << utype(8 * (itemsize - 1 - k))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# lossy values
+
+
+def quantize_rows(values: np.ndarray, rows: np.ndarray, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 quantization with one scale per row: ``q = round(v / s_row)``, ``s_row = max|v_row| / 127``.
+
+    Args:
+        values: float values (any float dtype).
+        rows: Row index of each value.
+        num_rows: Number of rows.
+
+    Returns:
+        ``(q, scales)``: int8 codes in [-127, 127] and float32 scales (0 for rows without values). A zero stays zero.
+
+    Examples:
+        >>> q, s = quantize_rows(np.array([1.0, -0.5, 4.0]), np.array([0, 0, 1]), 2)
+        >>> q.tolist(), s.tolist()
+        ([127, -64, 127], [0.007874015718698502, 0.031496062874794006])
+    """
+    absmax = np.zeros(num_rows, dtype=np.float64)
+    np.maximum.at(absmax, rows, np.abs(values.astype(np.float64)))
+    scales = (absmax / 127.0).astype(np.float32)
+    safe = np.where(scales > 0, scales, 1.0).astype(np.float64)
+    q = np.clip(np.rint(values.astype(np.float64) / safe[rows]), -127, 127).astype(np.int8)
+    return q, scales
+
+
+def kmeans_1d(values: np.ndarray, k: int, iterations: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """1-D k-means (Lloyd) with centroids initialised linearly between min and max (Han et al. 2016).
+
+    Args:
+        values: The values to cluster.
+        k: Number of centroids.
+        iterations: Lloyd iterations (stops early once the assignment no longer changes).
+
+    Returns:
+        ``(centroids float32 (k,), index uint8 per value)``.
+
+    Examples:
+        >>> c, i = kmeans_1d(np.array([0.1, 0.11, 0.9, 1.0]), 2)
+        >>> [round(float(x), 3) for x in c], i.tolist()
+        ([0.105, 0.95], [0, 0, 1, 1])
+    """
+    x = values.astype(np.float64)
+    if x.size == 0:
+        return np.zeros(k, dtype=np.float32), np.zeros(0, dtype=np.uint8)
+    centroids = np.linspace(x.min(), x.max(), k)
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    csum = np.concatenate([[0.0], np.cumsum(xs)])
+    assign = None
+    for _ in range(iterations):
+        # on sorted values each cluster is a contiguous range; boundaries are the midpoints between centroids
+        bounds = np.searchsorted(xs, (centroids[1:] + centroids[:-1]) / 2)
+        edges = np.concatenate([[0], bounds, [xs.size]])
+        counts = np.diff(edges)
+        sums = csum[edges[1:]] - csum[edges[:-1]]
+        new = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
+        if assign is not None and np.array_equal(edges, assign):
+            break
+        assign, centroids = edges, np.sort(new)
+    centroids32 = centroids.astype(np.float32)
+    # final assignment to the nearest float32 centroid, in the original order
+    mids = (centroids32[1:].astype(np.float64) + centroids32[:-1].astype(np.float64)) / 2
+    index = np.searchsorted(mids, x).astype(np.uint8)
+    return centroids32, index
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# tensors
+
+
+def _as_bits(t: torch.Tensor) -> np.ndarray:
+    """The tensor's elements as unsigned integers of the same width (a copy-free view where possible)."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    if t.dtype == torch.bool:
+        return flat.view(torch.uint8).numpy()
+    return flat.view(_INT_VIEW[t.element_size()]).numpy().view(_UINT[t.element_size()])
+
+
+def _row_length(shape: tuple[int, ...]) -> int:
+    return math.prod(shape[1:]) if len(shape) >= 2 else max(math.prod(shape), 1)
+
+
+def encode(t: torch.Tensor, compression: Compression | None = None) -> tuple[dict[str, Any], bytes]:
+    """Encode one tensor; returns a JSON-able header and the payload bytes. See the module docstring.
+
+    Args:
+        t: Any CPU or GPU tensor of a supported dtype (float64/32/16, bfloat16, int64/32/16/8, uint8, bool).
+        compression: How (default: lossless). Lossy value codecs apply to floating-point tensors only; other
+            dtypes are always stored exactly.
+
+    Returns:
+        ``(header, payload)``; :func:`decode` inverts it. ``header["layout"]`` is ``"raw"``, ``"values"`` or
+        ``"sparse"``; ``header["values"]`` names the value codec actually used.
+
+    Raises:
+        TypeError: Unsupported dtype.
+    """
+    comp = compression or Compression()
+    dtype_name = str(t.dtype).removeprefix("torch.")
+    if dtype_name not in _DTYPES:
+        raise TypeError(f"cannot compress a tensor of dtype {t.dtype}; supported: {sorted(_DTYPES)}")
+    shape = tuple(t.shape)
+    n = t.numel()
+    bits = _as_bits(t)
+    raw = bits.tobytes()
+    header: dict[str, Any] = {"layout": "raw", "dtype": dtype_name, "shape": list(shape), "values": "exact"}
+    if n == 0:
+        return header, raw
+    floating = t.is_floating_point()
+    if floating and not comp.keep_negative_zero:
+        keep = (t.detach().cpu().reshape(-1) != 0).numpy()  # -0.0 counts as zero (restored as +0.0)
+    else:
+        keep = bits != 0
+    candidates: list[tuple[int, dict[str, Any], list[bytes]]] = [(len(raw), header, [raw])]
+    count = int(keep.sum())
+    values_codec = comp.values if floating else "exact"
+    for layout in ("sparse", "values"):
+        if layout == "values" and count < n // 2:
+            continue  # mostly zeros: coding every element cannot win
+        if layout == "sparse" and count == n:
+            continue
+        w = _Writer()
+        h: dict[str, Any] = {"layout": layout, "dtype": dtype_name, "shape": list(shape)}
+        if layout == "sparse":
+            h["count"] = count
+            h["positions"] = _put_positions(w, keep, shape)
+            idx = np.flatnonzero(keep)
+        else:
+            idx = None
+        if t.dtype == torch.bool:
+            if layout == "values":
+                w.add(bits)
+            h["values"] = "exact"
+        else:
+            h["values"] = _put_coded_values(w, h, t, bits, idx, values_codec, comp)
+        h["streams"] = w.streams
+        candidates.append((w.nbytes, h, w.parts))
+    _, header, parts = min(candidates, key=lambda c: c[0])
+    if header["layout"] == "raw" and values_codec != "exact":
+        # lossy requested but raw won (tiny tensor): still exact, and said so
+        header = dict(header, values="exact")
+    return header, b"".join(parts)
+
+
+def _put_coded_values(w: _Writer, h: dict[str, Any], t: torch.Tensor, bits: np.ndarray, idx: np.ndarray | None,
+                      codec: str, comp: Compression) -> str:
+    """Code the values at ``idx`` (all if None) with ``codec``; returns the codec actually used."""
+    chosen = bits if idx is None else bits[idx]
+    if codec == "fp16":
+        values = t.detach().cpu().reshape(-1)
+        values = values if idx is None else values[torch.from_numpy(idx)]
+        finite = values[torch.isfinite(values)]
+        if finite.numel() and float(finite.abs().max()) > float(torch.finfo(torch.float16).max):
+            codec = "exact"  # out of float16's range: keep the tensor exact
+        else:
+            half = values.to(torch.float16).contiguous()
+            _put_values(w, half.view(torch.int16).numpy().view(np.uint16), "planes")
+            return "fp16"
+    if codec in ("int8", "kmeans"):
+        values = t.detach().cpu().reshape(-1).double().numpy()
+        values = values if idx is None else values[idx]
+        if not np.isfinite(values).all():
+            codec = "exact"  # NaN/inf cannot be quantized: keep the tensor exact
+        elif codec == "int8":
+            shape = tuple(t.shape)
+            row_len = _row_length(shape)
+            positions = np.arange(t.numel()) if idx is None else idx
+            num_rows = shape[0] if len(shape) >= 2 else 1
+            q, scales = quantize_rows(values, positions // row_len, num_rows)
+            w.add(scales.view(np.uint8))
+            w.add(q.view(np.uint8))
+            return "int8"
+        else:
+            k = 2**comp.bits
+            centroids, index = kmeans_1d(values, k)
+            h["bits"] = comp.bits
+            w.add(centroids.view(np.uint8))
+            w.add(index)
+            return "kmeans"
+    _put_values(w, chosen, _value_layout(t.dtype))
+    return "exact"
+
+
+def decode(header: Mapping[str, Any], payload: bytes | memoryview | torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`encode`.
+
+    Args:
+        header: The header :func:`encode` returned.
+        payload: Its payload (bytes, or a ``uint8`` tensor holding them).
+
+    Returns:
+        A new CPU tensor with the original dtype and shape.
+
+    Raises:
+        CompressionError: The header or payload is inconsistent.
+    """
+    try:
+        dtype = _DTYPES[header["dtype"]]
+        shape = tuple(int(s) for s in header["shape"])
+        layout = header["layout"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CompressionError(f"bad tensor header {dict(header)!r:.200}: {exc}") from None
+    if isinstance(payload, torch.Tensor):
+        payload = payload.contiguous().numpy().data if payload.numel() else b""
+    view = memoryview(payload).cast("B")
+    n = math.prod(shape)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    if layout == "raw":
+        if len(view) != n * itemsize:
+            raise CompressionError(f"raw tensor of shape {shape} needs {n * itemsize} bytes, got {len(view)}")
+        return _from_bits(np.frombuffer(view, dtype=_UINT[itemsize]).copy(), dtype, shape)
+    if layout not in ("sparse", "values"):
+        raise CompressionError(f"unknown layout {layout!r}")
+    r = _Reader(header["streams"], view)
+    if layout == "sparse":
+        count = int(header["count"])
+        # kept positions: int64 indices, or a bool mask where that is cheaper (both index numpy arrays alike)
+        idx: np.ndarray | None = _get_positions(r, header["positions"], shape, count, as_mask=True)
+    else:
+        count, idx = n, None
+    codec = header.get("values", "exact")
+    if dtype == torch.bool:
+        if idx is None:
+            out_bits = r.next().copy()
+        else:
+            out_bits = np.zeros(n, dtype=np.uint8)
+            out_bits[idx] = 1
+        r.done()
+        return _from_bits(out_bits, dtype, shape)
+    if codec == "exact":
+        values = _get_values(r, _value_layout(dtype), itemsize, count)
+        r.done()
+        if idx is None:
+            return _from_bits(values.copy(), dtype, shape)
+        out_bits = np.zeros(n, dtype=_UINT[itemsize])
+        out_bits[idx] = values
+        return _from_bits(out_bits, dtype, shape)
+    if codec == "fp16":
+        half = _get_values(r, "planes", 2, count)
+        values_t = torch.from_numpy(half.view(np.int16).copy()).view(torch.float16).to(dtype)
+    elif codec == "int8":
+        scales = r.next().view(np.float32)
+        q = r.next().view(np.int8)
+        num_rows = shape[0] if len(shape) >= 2 else 1
+        if scales.size != num_rows or q.size != count:
+            raise CompressionError(f"int8 codec: {scales.size} scales for {num_rows} rows, {q.size} codes for {count}")
+        positions = np.arange(n) if idx is None else (np.flatnonzero(idx) if idx.dtype == bool else idx)
+        rows = positions // _row_length(shape)
+        values_t = torch.from_numpy(q.astype(np.float32) * scales[rows]).to(dtype)
+    elif codec == "kmeans":
+        centroids = r.next().view(np.float32)
+        index = r.next()
+        if centroids.size != 2 ** int(header["bits"]) or index.size != count or (
+                index.size and int(index.max()) >= centroids.size):
+            raise CompressionError("kmeans codec: centroids and indices do not match")
+        values_t = torch.from_numpy(centroids[index]).to(dtype)
+    else:
+        raise CompressionError(f"unknown value codec {codec!r}")
+    r.done()
+    if idx is None:
+        return values_t.reshape(shape)
+    out = torch.zeros(n, dtype=dtype)
+    out[torch.from_numpy(idx)] = values_t  # bool mask or int64 indices
+    return out.reshape(shape)
+
+
+def _from_bits(bits: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    t = torch.from_numpy(bits)
+    if dtype == torch.bool:
+        return t.view(torch.bool).reshape(shape)
+    if dtype == torch.uint8:
+        return t.reshape(shape)
+    return t.view(_INT_VIEW[t.element_size()]).view(dtype).reshape(shape)
+
+
+def positions_of(header: Mapping[str, Any], payload: bytes | memoryview | torch.Tensor) -> np.ndarray | None:
+    """Kept-element indices stored in a ``sparse`` header (None for other layouts) — the exact non-zero pattern of
+    the original tensor, even where a lossy value codec rounded a kept value to zero."""
+    if header.get("layout") != "sparse":
+        return None
+    if isinstance(payload, torch.Tensor):
+        payload = payload.contiguous().numpy().data if payload.numel() else b""
+    r = _Reader(header["streams"], memoryview(payload).cast("B"))
+    return _get_positions(r, header["positions"], tuple(int(s) for s in header["shape"]), int(header["count"]))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# many tensors (what a file holds)
+
+
+def _pattern(header: Mapping[str, Any], payload: bytes | memoryview | torch.Tensor,
+             decoded: torch.Tensor | None) -> np.ndarray:
+    """The stored non-zero pattern (bool, flat) of an encoded tensor."""
+    n = math.prod(int(s) for s in header["shape"])
+    idx = positions_of(header, payload)
+    if idx is not None:
+        keep = np.zeros(n, dtype=bool)
+        keep[idx] = True
+        return keep
+    if decoded is None:
+        decoded = decode(header, payload)
+    return (decoded.reshape(-1) != 0).numpy()
+
+
+PACK_NUMEL = 4096  # exactly-stored tensors smaller than this are coded together (biases, norms, small kernels)
+
+
+def encode_tensors(
+    tensors: Mapping[str, torch.Tensor],
+    compression: Compression | Mapping[str, Compression] | None = None,
+    patterns: Mapping[str, str] | None = None,
+) -> tuple[bytes, dict[str, Any]]:
+    """Encode named tensors into one payload and a JSON-able table that says where each tensor is and how it is coded.
+
+    Each tensor gets its own smallest layout (:func:`encode`), except that small exactly-stored tensors (fewer than
+    :data:`PACK_NUMEL` elements) of one dtype are concatenated and coded together (one set of streams instead of
+    hundreds of tiny ones: smaller and faster to decode).
+
+    Args:
+        tensors: Named tensors.
+        compression: One :class:`Compression` for all tensors, or one per name (names not listed: lossless).
+        patterns: ``{bool tensor name: other tensor name}``: a boolean tensor that equals the other tensor's stored
+            non-zero pattern (a pruning mask and its weight) is stored as a reference to it, in no bytes at all.
+
+    Returns:
+        ``(payload, table)``; :func:`decode_tensors` inverts it.
+
+    Examples:
+        >>> w = torch.tensor([[0.0, 1.5], [0.0, -2.0]])
+        >>> payload, table = encode_tensors({"w": w, "m": w != 0, "b": torch.ones(3)}, patterns={"m": "w"})
+        >>> table["tensors"]["m"]["layout"], table["tensors"]["b"]["layout"]
+        ('like', 'packed')
+        >>> out = decode_tensors(payload, table)
+        >>> torch.equal(out["w"], w), torch.equal(out["m"], w != 0), out["b"].tolist()
+        (True, True, [1.0, 1.0, 1.0])
+    """
+    parts: list[bytes] = []
+    offset = 0
+
+    def put(header: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        nonlocal offset
+        header["at"] = [offset, len(payload)]
+        parts.append(payload)
+        offset += len(payload)
+        return header
+
+    entries: dict[str, dict[str, Any]] = {}
+    payloads: dict[str, bytes] = {}
+    groups: dict[tuple[str, bool], list[str]] = {}
+    comps: dict[str, Compression] = {}
+    linked = set(patterns or {}) | set((patterns or {}).values())  # masks and their weights are coded on their own
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"value for {name!r} is a {type(t).__name__}, not a tensor")
+        comp = (compression.get(name) if isinstance(compression, Mapping) else compression) or Compression()
+        comps[name] = comp
+        if (comp.lossless or not t.is_floating_point()) and 0 < t.numel() < PACK_NUMEL and name not in linked:
+            groups.setdefault((str(t.dtype), comp.keep_negative_zero), []).append(name)
+            continue
+        header, payload = encode(t, comp)
+        payloads[name] = payload
+        entries[name] = put(header, payload)
+    packs: list[dict[str, Any]] = []
+    for (_, keep_negative_zero), names in groups.items():
+        flat = torch.cat([tensors[n].detach().cpu().reshape(-1) for n in names])
+        header, payload = encode(flat, Compression(keep_negative_zero=keep_negative_zero))
+        packs.append(put(header, payload))
+        start = 0
+        for n in names:
+            t = tensors[n]
+            entries[n] = {"layout": "packed", "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                          "pack": len(packs) - 1, "start": start}
+            start += t.numel()
+    for name, ref in (patterns or {}).items():
+        t = tensors.get(name)
+        if t is None or ref not in entries or "at" not in entries[ref] or t.dtype != torch.bool or \
+                t.shape != tensors[ref].shape:
+            continue
+        header = entries[ref]
+        pattern = _pattern(header, payloads[ref],
+                           tensors[ref].detach().cpu() if header.get("values") == "exact" else None)
+        if np.array_equal(pattern, t.detach().cpu().reshape(-1).numpy()):
+            entries[name] = {"layout": "like", "dtype": "bool", "shape": list(t.shape), "ref": ref}
+    table = {"tensors": {name: entries[name] for name in tensors}, "packs": packs}
+    return b"".join(parts), table
+
+
+def decode_tensors(payload: bytes | memoryview | torch.Tensor, table: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`encode_tensors`.
+
+    Raises:
+        CompressionError: The table is inconsistent with itself or with the payload.
+    """
+    if isinstance(payload, torch.Tensor):
+        payload = payload.contiguous().numpy().data if payload.numel() else b""
+    view = memoryview(payload).cast("B")
+    entries: Mapping[str, Mapping[str, Any]] = table["tensors"]
+    end = 0
+
+    def chunk(header: Mapping[str, Any]) -> memoryview:
+        nonlocal end
+        start, length = (int(v) for v in header["at"])
+        if start < 0 or length < 0 or start + length > len(view):
+            raise CompressionError(f"a tensor lies at bytes [{start}, {start + length}) of a {len(view)}-byte payload")
+        end = max(end, start + length)
+        return view[start : start + length]
+
+    packs = [decode(h, chunk(h)) for h in table.get("packs", [])]
+    out: dict[str, torch.Tensor] = {}
+    for name, header in entries.items():
+        layout = header.get("layout")
+        if layout == "like":
+            continue
+        if layout == "packed":
+            index, start = int(header["pack"]), int(header["start"])
+            shape = tuple(int(s) for s in header["shape"])
+            if not 0 <= index < len(packs) or start < 0 or start + math.prod(shape) > packs[index].numel():
+                raise CompressionError(f"{name}: bad pack reference {index}/{start}")
+            t = packs[index][start : start + math.prod(shape)]
+            if str(t.dtype).removeprefix("torch.") != header["dtype"]:
+                raise CompressionError(f"{name}: pack holds {t.dtype}, header says {header['dtype']}")
+            out[name] = t.reshape(shape).clone()
+        else:
+            out[name] = decode(header, chunk(header))
+    if end != len(view):
+        raise CompressionError(f"the payload has {len(view) - end} bytes that no tensor uses")
+    for name, header in entries.items():
+        if header.get("layout") != "like":
+            continue
+        ref = header.get("ref")
+        if ref not in out or "at" not in entries[ref]:
+            raise CompressionError(f"{name} refers to the pattern of {ref!r}, which the file does not hold")
+        shape = tuple(int(s) for s in header["shape"])
+        if tuple(out[ref].shape) != shape:
+            raise CompressionError(f"{name} has shape {shape} but its pattern source {ref} has {tuple(out[ref].shape)}")
+        keep = _pattern(entries[ref], chunk(entries[ref]), out[ref])
+        out[name] = torch.from_numpy(keep).reshape(shape)
+    return {name: out[name] for name in entries}

@@ -1,0 +1,302 @@
+"""prunekit's file format: safetensors with a versioned, checksummed header. No pickle anywhere.
+
+A file is an ordinary ``.safetensors`` file (any safetensors reader can open it) whose string metadata carries:
+
+* ``prunekit.format`` = ``"prunekit"`` and ``prunekit.version`` (an integer, :data:`VERSION`);
+* ``prunekit.kind`` — what the file holds (``"checkpoint"``, ...), so a file of one kind is never read as another;
+* ``prunekit.meta`` — a JSON document (structure, configuration, non-tensor state);
+* ``prunekit.sha256`` — SHA-256 over the JSON document and every tensor (name, dtype, shape, bytes), checked on read;
+* ``prunekit.codecs`` — only in compressed files (version 2): where each tensor lies in the file's single ``uint8``
+  tensor ``prunekit.payload`` and how it is encoded (:mod:`prunekit.compress`); covered by the checksum too. In
+  version 2 files this table and ``prunekit.meta`` may be stored deflated (``"z64:" + base64``).
+
+Version 1 files hold tensors as they are; version 2 files (written only with ``compression=...``) hold some tensors
+encoded, so a prunekit that reads only version 1 refuses them with a clear message instead of loading payload bytes as
+weights. Both versions are read here.
+
+Writes are atomic: the file is written next to its destination under a temporary name, flushed to disk and renamed,
+so a crash leaves either the old file or the new one, never half of one. Nested Python state with tensors inside
+(optimizer and LR-scheduler state) is stored with :func:`pack` / :func:`unpack`: tensors become safetensors
+entries, everything else JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import os
+import tempfile
+import zlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from prunekit.compress import (
+    Compression,
+    CompressionError,
+    decode_tensors,
+    encode_tensors,
+)
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "VERSIONS",
+    "FileFormatError",
+    "atomic_write",
+    "pack",
+    "read",
+    "unpack",
+    "write",
+    "write_text",
+]
+
+FORMAT = "prunekit"
+VERSION = 2  # the newest version this prunekit writes (only compressed files need it)
+VERSIONS = (1, 2)  # the versions it reads
+PAYLOAD = "prunekit.payload"  # the one tensor of a compressed (version 2) file
+
+
+class FileFormatError(ValueError):
+    """A file is missing, truncated, corrupted, of another version, or of another kind."""
+
+
+def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[IO[bytes]], object]) -> Path:
+    """Write a file atomically: ``write_fn(file)`` fills a temporary file beside ``path``, which is flushed to disk and
+    renamed over ``path``. Readers see the old file or the new one, never a partial one; on error nothing is left.
+
+    Examples:
+        >>> import tempfile
+        >>> p = atomic_write(tempfile.mkdtemp() + "/a.txt", lambda f: f.write(b"hello"))
+        >>> p.read_text()
+        'hello'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write_fn(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write UTF-8 text atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _checksum(tensors: Mapping[str, torch.Tensor], meta_json: str) -> str:
+    h = hashlib.sha256()
+    h.update(meta_json.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        if t.numel():
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _unshare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors that share no memory (safetensors refuses shared or strided storage)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"value for {name!r} is a {type(t).__name__}, not a tensor")
+        t = t.detach().cpu()
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) if t.numel() else (id(t), 0)
+        if key in seen or not t.is_contiguous() or t.storage_offset() or t.numel() * t.element_size() != key[1]:
+            t = t.clone(memory_format=torch.contiguous_format)
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+def _squeeze(text: str) -> str:
+    """``text``, or ``"z64:" + base64(deflate(text))`` if that is shorter (codec tables repeat themselves a lot)."""
+    packed = "z64:" + base64.b64encode(zlib.compress(text.encode(), 9)).decode("ascii")
+    return packed if len(packed) < len(text) else text
+
+
+def _unsqueeze(text: str) -> str:
+    if text.startswith("z64:"):
+        return zlib.decompress(base64.b64decode(text[4:], validate=True)).decode()
+    return text
+
+
+def write(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], *,
+          kind: str, compression: Compression | Mapping[str, Compression] | None = None,
+          patterns: Mapping[str, str] | None = None) -> Path:
+    """Write ``tensors`` and the JSON-able ``meta`` to ``path`` atomically.
+
+    Args:
+        path: Destination file; its directory is created if needed.
+        tensors: Named tensors (any dtype safetensors supports, including ``bool``).
+        meta: JSON-serialisable document stored in the header.
+        kind: What the file holds; :func:`read` checks it.
+        compression: Store the tensors compressed (:func:`prunekit.compress.encode_tensors`): one
+            :class:`~prunekit.compress.Compression` for all, or one per tensor name (others lossless). The file is
+            then version 2. None: tensors as they are (version 1).
+        patterns: With ``compression``: ``{bool tensor: tensor}`` pairs where the first may equal the second's
+            non-zero pattern (a mask and its weight); such a mask costs no bytes.
+
+    Returns:
+        The path written.
+
+    Examples:
+        >>> import tempfile, torch
+        >>> p = write(tempfile.mkdtemp() + "/x.safetensors", {"w": torch.ones(2)}, {"note": "hi"}, kind="example")
+        >>> t, m = read(p, kind="example")
+        >>> t["w"].tolist(), m
+        ([1.0, 1.0], {'note': 'hi'})
+    """
+    path = Path(path)
+    try:
+        meta_json = json.dumps(meta, sort_keys=True, allow_nan=True)
+    except TypeError as exc:
+        raise TypeError(f"metadata for {path} is not JSON-serialisable: {exc}") from None
+    header = {"prunekit.format": FORMAT, "prunekit.version": "1", "prunekit.kind": kind, "prunekit.meta": meta_json}
+    if compression is None:
+        plain = _unshare(tensors)
+        header["prunekit.sha256"] = _checksum(plain, meta_json)
+    else:
+        payload, table = encode_tensors(tensors, compression, patterns)
+        plain = {PAYLOAD: torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else
+                 torch.empty(0, dtype=torch.uint8)}
+        codecs_json = json.dumps(table, sort_keys=True, separators=(",", ":"))
+        header["prunekit.version"] = "2"
+        header["prunekit.meta"] = _squeeze(meta_json)
+        header["prunekit.codecs"] = _squeeze(codecs_json)
+        header["prunekit.sha256"] = _checksum(plain, meta_json + "\0" + codecs_json)
+    return atomic_write(path, lambda f: f.write(save(plain, metadata=header)))
+
+
+def read(path: str | os.PathLike[str], *, kind: str | None = None,
+         device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and verify a file written by :func:`write`.
+
+    Args:
+        path: The file.
+        kind: If given, the kind the file must have.
+        device: Where to put the tensors.
+
+    Returns:
+        ``(tensors, meta)``.
+
+    Raises:
+        FileFormatError: If the file is missing, not a safetensors file, truncated, fails its checksum, was written by
+            another format version, or holds another kind.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise FileFormatError(
+            f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}. "
+            "Re-create it from the run that produced it."
+        ) from None
+    if header.get("prunekit.format") != FORMAT:
+        raise FileFormatError(f"{path} is a safetensors file but not a prunekit file (no 'prunekit.format' header)")
+    version = header.get("prunekit.version", "?")
+    if version not in [str(v) for v in VERSIONS]:
+        raise FileFormatError(
+            f"{path} uses prunekit file format version {version}; this prunekit reads versions "
+            f"{', '.join(map(str, VERSIONS))}. Use the prunekit release that wrote it, or re-save the model."
+        )
+    if kind is not None and header.get("prunekit.kind") != kind:
+        raise FileFormatError(f"{path} holds a {header.get('prunekit.kind')!r}, expected a {kind!r}")
+    meta_json = header.get("prunekit.meta", "{}")
+    codecs_json = header.get("prunekit.codecs")
+    if codecs_json is not None:
+        try:
+            codecs_json, meta_json = _unsqueeze(codecs_json), _unsqueeze(meta_json)
+        except (ValueError, zlib.error) as exc:
+            raise FileFormatError(f"{path}: the header is corrupted ({exc}); re-create the file") from None
+    if (version == "2") != (codecs_json is not None):
+        raise FileFormatError(f"{path}: version {version} file {'without' if codecs_json is None else 'with'} "
+                              "codec table (corrupted header)")
+    signed = meta_json if codecs_json is None else meta_json + "\0" + codecs_json
+    if _checksum(tensors, signed) != header.get("prunekit.sha256"):
+        raise FileFormatError(f"{path} fails its checksum: the file was modified or corrupted after it was written")
+    if codecs_json is not None:
+        try:
+            if set(tensors) != {PAYLOAD}:
+                raise CompressionError(f"a compressed file holds one tensor {PAYLOAD!r}, found {sorted(tensors)[:5]}")
+            tensors = decode_tensors(tensors[PAYLOAD], json.loads(codecs_json))
+        except (CompressionError, KeyError, TypeError, ValueError) as exc:
+            raise FileFormatError(f"{path}: a compressed tensor does not decode ({exc}); re-create the file") from None
+    if str(device) != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+    return tensors, json.loads(meta_json)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# nested state (optimizer / LR-scheduler state dicts) <-> tensors + JSON skeleton
+
+
+def pack(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Turn nested state into a JSON-able skeleton, moving tensors into ``tensors`` under ``prefix``.
+
+    Supports dicts (any JSON-scalar keys), lists, tuples, tensors, str/int/float/bool/None.
+
+    Examples:
+        >>> store = {}
+        >>> skel = pack({"state": {0: {"m": torch.zeros(2)}}, "betas": (0.9, 0.99)}, "opt", store)
+        >>> unpack(skel, store)["betas"], list(store)
+        ((0.9, 0.99), ['opt.0'])
+    """
+    if isinstance(obj, torch.Tensor):
+        key = f"{prefix}.{len(tensors)}"
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if isinstance(obj, Mapping):
+        items = list(obj.items())
+        for k, _ in items:
+            if not isinstance(k, (str, int, float, bool)) and k is not None:
+                raise TypeError(f"cannot store a dict key of type {type(k).__name__} ({k!r})")
+        return {"__dict__": [[k, pack(v, prefix, tensors)] for k, v in items]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [pack(v, prefix, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [pack(v, prefix, tensors) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"__float__": repr(obj)}
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    raise TypeError(
+        f"cannot store a value of type {type(obj).__name__} ({obj!r:.80}) without pickle; "
+        "only tensors, numbers, strings, lists, tuples and dicts are supported"
+    )
+
+
+def unpack(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`pack`."""
+    if isinstance(skeleton, list):
+        return [unpack(v, tensors) for v in skeleton]
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        if "__dict__" in skeleton:
+            return {k: unpack(v, tensors) for k, v in skeleton["__dict__"]}
+        if "__tuple__" in skeleton:
+            return tuple(unpack(v, tensors) for v in skeleton["__tuple__"])
+        if "__float__" in skeleton:
+            return float(skeleton["__float__"])
+        raise FileFormatError(f"unknown entry in stored state: {sorted(skeleton)}")
+    return skeleton

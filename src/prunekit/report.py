@@ -1,0 +1,339 @@
+"""What pruning did to a model: per-tensor sparsity, parameters, MACs and size, as text, JSON or a chart.
+
+The report only reads the model and the masks; it never changes them.
+
+Prunable tensors are the weights of the module types the pruner prunes by default
+(``prunekit.targets.DEFAULT_TYPES``: ``nn.Linear``, ``nn.Conv*``, ``nn.ConvTranspose*``) plus every tensor named in
+``masks``. Sparsity is the fraction of entries pruned, in [0, 1]: an entry is kept where its mask is True, or, for a
+tensor without a mask, where it is non-zero. Sparsity over no entries (a model without prunable tensors) is 0.0:
+nothing was pruned, so every number stays finite and the report works on any model.
+
+MACs come from ``prunekit.flops.count_macs``: a tensor's dense MACs are those of the ops that read it, its
+effective MACs are dense MACs × density (kept / total entries) — what a sparse kernel would execute. MACs of ops on
+no prunable weight (attention's QK^T and AV, unpruned layers) count in full in both totals.
+
+Examples:
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Linear(4, 4, bias=False)
+    >>> with torch.no_grad():
+    ...     model.weight.view(-1)[:6] = 0
+    >>> r = report(model, example_inputs=torch.randn(1, 4))
+    >>> r.sparsity, r.nonzeros, r.dense_macs, r.effective_macs
+    (0.375, 10, 16, 10)
+    >>> r.rows[0].name, r.rows[0].shape
+    ('weight', (4, 4))
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.fileformat import atomic_write
+from prunekit.flops import count_macs
+from prunekit.pruner import unwrap
+from prunekit.targets import DEFAULT_TYPES
+
+__all__ = ["Report", "TensorRow", "report"]
+
+
+@dataclass(frozen=True)
+class TensorRow:
+    """One prunable tensor.
+
+    Attributes:
+        name: Parameter name as in ``model.named_parameters()``.
+        kind: Class of the module that owns it, e.g. ``"Linear"``.
+        shape: Tensor shape.
+        params: Number of entries.
+        nonzeros: Entries kept (mask True, or non-zero without a mask).
+        sparsity: ``1 - nonzeros / params`` (0.0 for an empty tensor).
+        dense_macs: MACs of the ops that read this tensor, or None without ``example_inputs``.
+        effective_macs: ``dense_macs × nonzeros / params`` rounded to an integer, or None.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    params: int
+    nonzeros: int
+    sparsity: float
+    dense_macs: int | None
+    effective_macs: int | None
+
+
+@dataclass(frozen=True)
+class Report:
+    """Sparsity, parameters, MACs and size of a model; build it with ``report()``.
+
+    Attributes:
+        rows: One row per prunable tensor, in ``named_parameters()`` order.
+        params: All parameters, tied weights counted once.
+        prunable_params: Entries of the prunable tensors.
+        nonzeros: Kept entries of the prunable tensors.
+        sparsity: Fraction of the prunable entries pruned.
+        overall_sparsity: Pruned entries over all parameters (unprunable ones count as kept).
+        dense_macs: MACs of the unpruned forward pass, or None without ``example_inputs``.
+        effective_macs: MACs left when every prunable tensor skips its pruned entries, or None.
+        mac_ratio: ``effective_macs / dense_macs`` (1.0 when ``dense_macs`` is 0), or None.
+        dense_bytes: Parameter bytes stored densely in their own dtypes.
+        sparse_bytes: Estimated bytes stored sparsely: kept values of the prunable tensors plus a 1-bit mask per
+            entry, other parameters dense. Above ``dense_bytes`` at low sparsity, as a mask costs 1 bit an entry.
+    """
+
+    rows: tuple[TensorRow, ...]
+    params: int
+    prunable_params: int
+    nonzeros: int
+    sparsity: float
+    overall_sparsity: float
+    dense_macs: int | None
+    effective_macs: int | None
+    mac_ratio: float | None
+    dense_bytes: int
+    sparse_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return ``{"totals": {...}, "rows": [{...}, ...]}`` holding only JSON types (shapes as lists)."""
+        totals = {key: value for key, value in asdict(self).items() if key != "rows"}
+        rows = [{**asdict(row), "shape": list(row.shape)} for row in self.rows]
+        return {"totals": totals, "rows": rows}
+
+    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
+        """Return the report as JSON text, and write it to ``path`` if given (atomically: temp file + rename).
+
+        Examples:
+            >>> import json
+            >>> from torch import nn
+            >>> json.loads(report(nn.Linear(2, 3)).to_json())["totals"]["params"]
+            9
+        """
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        if path is not None:
+            atomic_write(path, lambda file: file.write(text.encode()))
+        return text
+
+    def plot(self, path: str | os.PathLike[str]) -> None:
+        """Save a PNG bar chart of per-tensor sparsity, each bar labelled with its tensor's parameter count.
+
+        Drawn with matplotlib's Agg canvas (no display, no change to pyplot's global state) and written
+        atomically. A report without prunable tensors gives a chart that says so.
+
+        Examples:
+            >>> import pathlib, tempfile
+            >>> from torch import nn
+            >>> with tempfile.TemporaryDirectory() as folder:
+            ...     png = pathlib.Path(folder, "sparsity.png")
+            ...     report(nn.Linear(2, 3)).plot(png)
+            ...     png.read_bytes()[:4]
+            b'\\x89PNG'
+        """
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(8, 1.6 + 0.3 * max(len(self.rows), 1)))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.set_xlim(0, 1.12)
+        ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
+        ax.set_xlabel("sparsity (fraction of entries pruned)")
+        ax.set_title(f"{self.sparsity:.1%} of {self.prunable_params:,} prunable parameters pruned")
+        if not self.rows:
+            ax.text(0.5, 0.5, "no prunable tensors", ha="center", va="center", transform=ax.transAxes)
+            ax.set_yticks([])
+        else:
+            positions = range(len(self.rows))
+            ax.barh(positions, [row.sparsity for row in self.rows], color="tab:blue")
+            ax.set_yticks(positions, labels=[f"{row.name} ({_short(row.params)} params)" for row in self.rows])
+            ax.invert_yaxis()  # first layer on top
+            for y, row in zip(positions, self.rows):
+                ax.text(row.sparsity + 0.01, y, f"{row.sparsity:.1%}", va="center", fontsize=8)
+        fig.tight_layout()
+        atomic_write(path, lambda file: fig.savefig(file, format="png"))
+
+    def __str__(self) -> str:
+        """Aligned table of the prunable tensors, a totals row, then whole-model lines.
+
+        Examples:
+            >>> from torch import nn
+            >>> import torch
+            >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+            >>> keep_half = torch.arange(64).reshape(8, 8) % 2 == 0
+            >>> print(report(model, {"0.weight": keep_half}, torch.randn(1, 8)))  # doctest: +NORMALIZE_WHITESPACE
+            name              kind    shape  params  nonzeros  sparsity  MACs dense  MACs effective
+            0.weight          Linear  8x8        64        32    50.00%          64              32
+            2.weight          Linear  2x8        16        16     0.00%          16              16
+            total (prunable)                     80        48    40.00%          80              48
+            parameters: 90 (80 prunable), 35.56% of all parameters pruned
+            MACs: 80 dense, 48 effective (0.600 of dense)
+            size: 360 B dense, 242 B sparse estimate (kept values + 1-bit mask)
+        """
+        with_macs = self.dense_macs is not None
+
+        def cells(name: str, kind: str, shape: str, params: int, nonzeros: int, sparsity: float,
+                  dense_macs: int | None, effective_macs: int | None) -> list[str]:
+            numbers = [f"{params:,}", f"{nonzeros:,}", f"{sparsity:.2%}"]
+            return [name, kind, shape, *numbers] + ([f"{dense_macs:,}", f"{effective_macs:,}"] if with_macs else [])
+
+        header = ["name", "kind", "shape", "params", "nonzeros", "sparsity", "MACs dense", "MACs effective"]
+        table = [header[: 8 if with_macs else 6]]
+        table += [cells(row.name, row.kind, "x".join(map(str, row.shape)), row.params, row.nonzeros, row.sparsity,
+                        row.dense_macs, row.effective_macs) for row in self.rows]
+        table.append(cells("total (prunable)", "", "", self.prunable_params, self.nonzeros, self.sparsity,
+                           sum(row.dense_macs or 0 for row in self.rows),
+                           sum(row.effective_macs or 0 for row in self.rows)))
+        widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+        text = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+                for line in table]
+        text.append(f"parameters: {self.params:,} ({self.prunable_params:,} prunable), "
+                    f"{self.overall_sparsity:.2%} of all parameters pruned")
+        if with_macs:
+            text.append(f"MACs: {self.dense_macs:,} dense, {self.effective_macs:,} effective "
+                        f"({self.mac_ratio:.3f} of dense)")
+        text.append(f"size: {_bytes(self.dense_bytes)} dense, {_bytes(self.sparse_bytes)} sparse estimate "
+                    f"(kept values + 1-bit mask)")
+        return "\n".join(line.rstrip() for line in text)
+
+
+def report(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    example_inputs: torch.Tensor | tuple[Any, ...] | Mapping[str, Any] | None = None,
+) -> Report:
+    """Report the sparsity, parameters, MACs and size of a model.
+
+    Args:
+        model: The model; only read. ``DistributedDataParallel``/``torch.compile`` wrappers are looked through, as
+            the pruner does, so names match its masks.
+        masks: Optional bool masks (True = kept) keyed by parameter name, as the pruner produces. A tied weight may
+            be named by any of its names. Without masks, the weights' own zeros are counted.
+        example_inputs: Optional inputs for one forward pass (a tensor, a tuple of positional arguments or a dict
+            of keyword arguments) to count MACs; without them the MAC fields are None.
+
+    Returns:
+        A ``Report``.
+
+    Raises:
+        TypeError: If ``model`` is not a module, ``masks`` not a mapping of bool tensors, or ``example_inputs`` of
+            another type.
+        ValueError: If a mask names no parameter of the model, a tensor is masked twice or a shape differs.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> keep_half = torch.arange(64).reshape(8, 8) % 2 == 0
+        >>> r = report(model, masks={"0.weight": keep_half}, example_inputs=torch.randn(1, 8))
+        >>> [(row.name, row.sparsity, row.dense_macs, row.effective_macs) for row in r.rows]
+        [('0.weight', 0.5, 64, 32), ('2.weight', 0.0, 16, 16)]
+        >>> r.dense_macs, r.effective_macs, r.mac_ratio
+        (80, 48, 0.6)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}; pass the model itself.")
+    model = unwrap(model)
+    params = dict(model.named_parameters())  # tied weights once, under their first name
+    canonical = {id(p): name for name, p in params.items()}
+    masks = _check_masks(masks, model, canonical)
+    kinds = {canonical[id(m.weight)]: type(m).__name__ for m in model.modules()
+             if isinstance(m, DEFAULT_TYPES) and isinstance(m.weight, nn.Parameter)}
+    for name in masks:
+        kinds.setdefault(name, type(model.get_submodule(name.rpartition(".")[0])).__name__)
+    macs = count_macs(model, example_inputs) if example_inputs is not None else None
+
+    rows = []
+    for name, param in params.items():
+        if name not in kinds:
+            continue
+        with torch.no_grad():
+            kept = int(masks[name].sum()) if name in masks else int(torch.count_nonzero(param))
+        numel = param.numel()
+        dense = macs.by_param.get(name, 0) if macs is not None else None
+        effective = _scale(dense, kept, numel) if dense is not None else None
+        rows.append(TensorRow(name, kinds[name], tuple(param.shape), numel, kept, _fraction(numel - kept, numel),
+                              dense, effective))
+
+    total = sum(p.numel() for p in params.values())
+    prunable = sum(row.params for row in rows)
+    kept = sum(row.nonzeros for row in rows)
+    dense_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    pruned_bytes = sum((row.params - row.nonzeros) * params[row.name].element_size() for row in rows)
+    mask_bytes = sum(math.ceil(row.params / 8) for row in rows)
+    dense_macs = effective_macs = mac_ratio = None
+    if macs is not None:
+        dense_macs = macs.total
+        effective_macs = macs.total - sum(row.dense_macs - row.effective_macs for row in rows)
+        mac_ratio = effective_macs / dense_macs if dense_macs else 1.0
+    return Report(
+        rows=tuple(rows),
+        params=total,
+        prunable_params=prunable,
+        nonzeros=kept,
+        sparsity=_fraction(prunable - kept, prunable),
+        overall_sparsity=_fraction(prunable - kept, total),
+        dense_macs=dense_macs,
+        effective_macs=effective_macs,
+        mac_ratio=mac_ratio,
+        dense_bytes=dense_bytes,
+        sparse_bytes=dense_bytes - pruned_bytes + mask_bytes,
+    )
+
+
+def _check_masks(masks: object, model: nn.Module, canonical: Mapping[int, str]) -> dict[str, torch.Tensor]:
+    """Validate masks against the model; return them keyed by each tensor's first name."""
+    if masks is None:
+        return {}
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a mapping of parameter name -> bool tensor, got {type(masks).__name__}.")
+    aliases = {name: canonical[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
+    params = dict(model.named_parameters())
+    checked: dict[str, torch.Tensor] = {}
+    for key, mask in masks.items():
+        if key not in aliases:
+            close = difflib.get_close_matches(str(key), aliases, n=3)
+            hint = f"did you mean {', '.join(map(repr, close))}?" if close else "see model.named_parameters()."
+            raise ValueError(f"masks has key {key!r}, which names no parameter of the model; expected a parameter "
+                             f"name: {hint}")
+        name = aliases[key]
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = f"dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else f"a {type(mask).__name__}"
+            raise TypeError(f"masks[{key!r}] is {got}; expected a torch.bool tensor (True = kept), e.g. mask.bool().")
+        if mask.shape != params[name].shape:
+            raise ValueError(f"masks[{key!r}] has shape {tuple(mask.shape)}, but the parameter has shape "
+                             f"{tuple(params[name].shape)}; build the mask from that parameter.")
+        if name in checked:
+            raise ValueError(f"masks names the tied parameter {name!r} twice (as {key!r} too); keep one of the keys.")
+        checked[name] = mask
+    return checked
+
+
+def _fraction(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
+
+
+def _scale(macs: int, kept: int, numel: int) -> int:
+    """``macs × kept / numel`` rounded half up, in exact integer arithmetic."""
+    return (2 * macs * kept + numel) // (2 * numel) if numel else 0
+
+
+def _short(count: int) -> str:
+    for size, suffix in ((10**9, "G"), (10**6, "M"), (10**3, "k")):
+        if count >= size:
+            return f"{count / size:.1f}{suffix}"
+    return str(count)
+
+
+def _bytes(count: int) -> str:
+    for size, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} B"

@@ -1,0 +1,495 @@
+"""prunekit's compiled sparse kernel: C++ with OpenMP, compiled with the system compiler at first use.
+
+The source below is compiled once per machine into the prunekit cache (``<cache_dir()>/kernels/``, see
+:func:`prunekit.data.fetch.cache_dir`) and loaded with :mod:`ctypes`. It includes no torch headers, so a build takes
+about a second and needs neither ninja nor a build-time torch; the compiler is ``$PRUNEKIT_CXX``, ``$CXX`` or the
+first of ``g++``/``c++``/``clang++`` on ``PATH``. The build is keyed by the source, the flags and the CPU's
+instruction-set flags (it uses ``-march=native``), so a cache shared between different machines holds one build per
+CPU kind. Concurrent processes (pytest-xdist workers) build once, under a file lock, and the library appears
+atomically.
+
+If nothing can be compiled, :func:`library` returns ``None`` after one :class:`RuntimeWarning` and
+:mod:`prunekit.sparse` uses torch's own CSR kernels. ``PRUNEKIT_SPARSE_NATIVE=0`` disables the native kernel.
+
+Threads: the library uses OpenMP. With PyPI's torch (which ships ``libgomp.so.1``) it binds to the libgomp torch
+already loaded, so torch's operators and this kernel share one thread pool; the thread count is torch's
+(:func:`torch.get_num_threads`).
+
+Encoding (all arrays contiguous): the weight ``W`` (``out_features x in_features``, PyTorch's Linear layout) in CSR
+with every row padded to a multiple of 8 entries: ``values`` fp32, ``cols`` the column of each value (uint16 when
+``in_features <= 65536``, stored in an int16 tensor; int32 otherwise), ``row_ptr`` int64 (out_features + 1). Padding
+entries have value 0 and repeat a column the row already uses (so an inf/nan input gives what dense gives).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from prunekit.data.fetch import cache_dir
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["SOURCE", "BuildInfo", "CsrWeight", "NativeLibrary", "build_info", "library"]
+
+SOURCE = r"""
+// prunekit sparse kernels (see prunekit/sparse/_native.py): y = x @ W.T + b with W in CSR, fp32.
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <algorithm>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define PK_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define PK_AVX2 1
+#endif
+
+namespace {
+
+#if PK_AVX512 || PK_AVX2
+// x[c[0..7]] as one vector: eight scalar loads. Faster than vgatherdps on CPUs whose gathers are microcoded (the
+// Gather Data Sampling mitigation makes a 16-wide gather cost ~30 cycles); about one cycle per non-zero here.
+inline __m256 gather8(const uint16_t* c, const float* x) {
+  const __m128 lo = _mm_set_ps(x[c[3]], x[c[2]], x[c[1]], x[c[0]]);
+  const __m128 hi = _mm_set_ps(x[c[7]], x[c[6]], x[c[5]], x[c[4]]);
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
+}
+inline __m256 gather8(const int32_t* c, const float* x) {
+  const __m128 lo = _mm_set_ps(x[c[3]], x[c[2]], x[c[1]], x[c[0]]);
+  const __m128 hi = _mm_set_ps(x[c[7]], x[c[6]], x[c[5]], x[c[4]]);
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
+}
+inline float hsum(__m256 s) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+#endif
+
+// Batch 1: sum_k v[k] * x[c[k]] over one row's n non-zeros (x stays in L1/L2; v and c stream from memory).
+// n is a multiple of 8 (rows are padded with zero values), so the loop has no tail: one simple loop measured
+// fastest, as short rows (BERT's 3072x768 at 90%: 77 non-zeros) pay for every extra branch.
+template <typename I>
+inline float row_dot(const float* __restrict v, const I* __restrict c, int64_t n, const float* __restrict x) {
+#if PK_AVX512 || PK_AVX2
+  __m256 a = _mm256_setzero_ps();
+  for (int64_t k = 0; k < n; k += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(v + k), gather8(c + k, x), a);
+  return hsum(a);
+#else
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4) {
+    a0 += v[k] * x[c[k]];
+    a1 += v[k + 1] * x[c[k + 1]];
+    a2 += v[k + 2] * x[c[k + 2]];
+    a3 += v[k + 3] * x[c[k + 3]];
+  }
+  for (; k < n; ++k) a0 += v[k] * x[c[k]];
+  return (a0 + a1) + (a2 + a3);
+#endif
+}
+
+// Batch > 1: acc[t] = sum_k v[k] * xt[c[k] * T + t] for t < T; xt is one tile of T inputs, transposed (in, T);
+// T is 8, 16 or 32 (batch up to 8, up to 16, more).
+// Every weight is read once per tile and multiplies T inputs.
+template <int T, typename I>
+inline void row_tile(const float* __restrict v, const I* __restrict c, int64_t n, const float* __restrict xt,
+                     float* __restrict acc) {
+  int64_t k = 0;
+#if PK_AVX512
+  if constexpr (T == 32) {  // two zmm per input row; two non-zeros per step
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+    for (; k + 2 <= n; k += 2) {
+      const __m512 w0 = _mm512_set1_ps(v[k]), w1 = _mm512_set1_ps(v[k + 1]);
+      const float* x0 = xt + (int64_t)c[k] * T;
+      const float* x1 = xt + (int64_t)c[k + 1] * T;
+      a0 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0), a0);
+      a1 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 16), a1);
+      b0 = _mm512_fmadd_ps(w1, _mm512_load_ps(x1), b0);
+      b1 = _mm512_fmadd_ps(w1, _mm512_load_ps(x1 + 16), b1);
+    }
+    if (k < n) {
+      const __m512 w0 = _mm512_set1_ps(v[k]);
+      const float* x0 = xt + (int64_t)c[k] * T;
+      a0 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0), a0);
+      a1 = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 16), a1);
+    }
+    _mm512_storeu_ps(acc, _mm512_add_ps(a0, b0));
+    _mm512_storeu_ps(acc + 16, _mm512_add_ps(a1, b1));
+    return;
+  }
+  if constexpr (T == 16) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (; k + 4 <= n; k += 4) {
+      a0 = _mm512_fmadd_ps(_mm512_set1_ps(v[k]), _mm512_load_ps(xt + (int64_t)c[k] * T), a0);
+      a1 = _mm512_fmadd_ps(_mm512_set1_ps(v[k + 1]), _mm512_load_ps(xt + (int64_t)c[k + 1] * T), a1);
+      a2 = _mm512_fmadd_ps(_mm512_set1_ps(v[k + 2]), _mm512_load_ps(xt + (int64_t)c[k + 2] * T), a2);
+      a3 = _mm512_fmadd_ps(_mm512_set1_ps(v[k + 3]), _mm512_load_ps(xt + (int64_t)c[k + 3] * T), a3);
+    }
+    for (; k < n; ++k) a0 = _mm512_fmadd_ps(_mm512_set1_ps(v[k]), _mm512_load_ps(xt + (int64_t)c[k] * T), a0);
+    _mm512_storeu_ps(acc, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    return;
+  }
+#endif
+#if PK_AVX512 || PK_AVX2
+  if constexpr (T == 8) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (; k + 4 <= n; k += 4) {
+      a0 = _mm256_fmadd_ps(_mm256_set1_ps(v[k]), _mm256_load_ps(xt + (int64_t)c[k] * T), a0);
+      a1 = _mm256_fmadd_ps(_mm256_set1_ps(v[k + 1]), _mm256_load_ps(xt + (int64_t)c[k + 1] * T), a1);
+      a2 = _mm256_fmadd_ps(_mm256_set1_ps(v[k + 2]), _mm256_load_ps(xt + (int64_t)c[k + 2] * T), a2);
+      a3 = _mm256_fmadd_ps(_mm256_set1_ps(v[k + 3]), _mm256_load_ps(xt + (int64_t)c[k + 3] * T), a3);
+    }
+    for (; k < n; ++k) a0 = _mm256_fmadd_ps(_mm256_set1_ps(v[k]), _mm256_load_ps(xt + (int64_t)c[k] * T), a0);
+    _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    return;
+  }
+#endif
+  for (int t = 0; t < T; ++t) acc[t] = 0.f;
+  for (; k < n; ++k) {
+    const float w = v[k];
+    const float* xr = xt + (int64_t)c[k] * T;
+    for (int t = 0; t < T; ++t) acc[t] += w * xr[t];
+  }
+}
+
+// First row of part p of `parts` row ranges holding about equal numbers of non-zeros.
+inline int64_t split_row(const int64_t* rp, int64_t rows, int64_t p, int64_t parts) {
+  if (p <= 0) return 0;
+  if (p >= parts) return rows;
+  return std::lower_bound(rp, rp + rows + 1, rp[rows] * p / parts) - rp;
+}
+
+template <int T, typename I>
+int csr_linear_tiled(const float* __restrict x, int64_t N, int64_t in, const float* __restrict v,
+                     const I* __restrict c, const int64_t* __restrict rp, int64_t rows, const float* __restrict bias,
+                     float* __restrict y, int64_t threads) {
+  const int64_t tiles = (N + T - 1) / T;
+  float* xt = (float*)aligned_alloc(64, (size_t)(((tiles * in * T * sizeof(float)) + 63) / 64 * 64));
+  if (!xt) return 1;
+  for (int64_t n = 0; n < tiles * T; ++n) {  // transpose into tiles; zero columns pad the last tile
+    float* dst = xt + (n / T) * in * T + (n % T);
+    if (n < N) {
+      const float* src = x + n * in;
+      for (int64_t i = 0; i < in; ++i) dst[i * T] = src[i];
+    } else {
+      for (int64_t i = 0; i < in; ++i) dst[i * T] = 0.f;
+    }
+  }
+  // A block of rows (about 256 KiB of values and columns) stays in L2 while every input tile passes over it.
+  const int64_t entry_bytes = (int64_t)(sizeof(float) + sizeof(I));
+  const int64_t bytes_per_row = std::max<int64_t>(1, rp[rows] * entry_bytes / std::max<int64_t>(rows, 1));
+  const int64_t kRowBlock = std::max<int64_t>(8, (256 << 10) / bytes_per_row);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    alignas(64) float acc[T];
+    const int64_t p = omp_get_thread_num(), np = omp_get_num_threads();
+    const int64_t end = split_row(rp, rows, p + 1, np);
+    for (int64_t r0 = split_row(rp, rows, p, np); r0 < end; r0 += kRowBlock) {
+      const int64_t r1 = std::min(r0 + kRowBlock, end);
+      for (int64_t t = 0; t < tiles; ++t) {
+        const float* xtt = xt + t * in * T;
+        const int64_t width = std::min<int64_t>(T, N - t * T);
+        for (int64_t r = r0; r < r1; ++r) {
+          row_tile<T, I>(v + rp[r], c + rp[r], rp[r + 1] - rp[r], xtt, acc);
+          const float b = bias ? bias[r] : 0.f;
+          float* yr = y + t * T * rows + r;
+          for (int64_t j = 0; j < width; ++j) yr[j * rows] = acc[j] + b;
+        }
+      }
+    }
+  }
+  free(xt);
+  return 0;
+}
+
+template <typename I>
+int csr_linear(const float* __restrict x, int64_t N, int64_t in, const float* __restrict v, const I* __restrict c,
+               const int64_t* __restrict rp, int64_t rows, const float* __restrict bias, float* __restrict y,
+               int64_t threads, int64_t min_work) {
+  // one thread per min_work multiply-adds at most: waking a second thread costs more than a small layer
+  const int64_t work = (rp[rows] + rows) * N;
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, work / std::max<int64_t>(min_work, 1)));
+  if (N == 1) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+      const int64_t p = omp_get_thread_num(), np = omp_get_num_threads();
+      const int64_t r1 = split_row(rp, rows, p + 1, np);
+      for (int64_t r = split_row(rp, rows, p, np); r < r1; ++r)
+        y[r] = row_dot<I>(v + rp[r], c + rp[r], rp[r + 1] - rp[r], x) + (bias ? bias[r] : 0.f);
+    }
+    return 0;
+  }
+  if (N <= 8) return csr_linear_tiled<8, I>(x, N, in, v, c, rp, rows, bias, y, threads);
+  if (N <= 16) return csr_linear_tiled<16, I>(x, N, in, v, c, rp, rows, bias, y, threads);
+  return csr_linear_tiled<32, I>(x, N, in, v, c, rp, rows, bias, y, threads);
+}
+
+}  // namespace
+
+extern "C" {
+
+// 2: AVX-512, 1: AVX2 + FMA, 0: portable C++
+int pk_isa(void) {
+#if PK_AVX512
+  return 2;
+#elif PK_AVX2
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// One encoded weight (built once per layer in Python, passed by pointer so a call converts few arguments).
+struct pk_csr {
+  const float* values;    // (nnz,)
+  const void* cols;       // (nnz,) uint16 if col_bytes == 2, int32 if 4
+  const int64_t* row_ptr; // (rows + 1,)
+  const float* bias;      // (rows,) or NULL
+  int64_t rows;           // out_features
+  int64_t in;             // in_features
+  int64_t col_bytes;
+};
+
+// y (N, rows) = x (N, in) @ W.T + bias; returns 0, 1 if memory ran out, 2 on a bad col_bytes.
+int pk_csr_linear(const pk_csr* w, const float* x, int64_t N, float* y, int64_t threads, int64_t min_work) {
+  if (w->col_bytes == 2)
+    return csr_linear<uint16_t>(x, N, w->in, w->values, (const uint16_t*)w->cols, w->row_ptr, w->rows, w->bias, y,
+                                threads, min_work);
+  if (w->col_bytes == 4)
+    return csr_linear<int32_t>(x, N, w->in, w->values, (const int32_t*)w->cols, w->row_ptr, w->rows, w->bias, y,
+                               threads, min_work);
+  return 2;
+}
+
+// w[i] = m[i] ? w[i] : 0 for n elements (prunekit.Pruner re-zeroing pruned weights); m holds 0/1 bytes (bool).
+void pk_mask_f32(float* __restrict w, const uint8_t* __restrict m, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) w[i] = m[i] ? w[i] : 0.f;
+}
+void pk_mask_f64(double* __restrict w, const uint8_t* __restrict m, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) w[i] = m[i] ? w[i] : 0.0;
+}
+
+}  // extern "C"
+"""
+
+#: Portable flags first tried with ``-march=native`` (the kernel's SIMD paths), then without (portable C++).
+_ARCH_FLAGS: tuple[tuple[str, ...], ...] = (("-march=native",), ())
+_FLAGS = ("-O3", "-std=c++17", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno")
+_LIB = "libprunekit_sparse.so"
+ISA_NAMES = {2: "avx512", 1: "avx2", 0: "portable"}
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    """How the native kernel was obtained in this process.
+
+    Attributes:
+        available: True if the library is loaded and usable.
+        path: The shared library (None if unavailable).
+        isa: Instruction set the kernel was compiled for: ``"avx512"``, ``"avx2"`` or ``"portable"``.
+        compiled: True if this process compiled it (False: loaded from the cache).
+        seconds: Compile time in seconds (0.0 when loaded from the cache).
+        compiler: The compiler command used (or that failed).
+        error: Why the library is unavailable (None if available).
+    """
+
+    available: bool
+    path: Path | None = None
+    isa: str | None = None
+    compiled: bool = False
+    seconds: float = 0.0
+    compiler: str | None = None
+    error: str | None = None
+
+
+class CsrWeight(ctypes.Structure):
+    """``struct pk_csr``: pointers into a layer's buffers (valid while those tensors live)."""
+
+    _fields_ = [
+        ("values", ctypes.c_void_p),
+        ("cols", ctypes.c_void_p),
+        ("row_ptr", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("rows", ctypes.c_int64),
+        ("in_features", ctypes.c_int64),
+        ("col_bytes", ctypes.c_int64),
+    ]
+
+
+class NativeLibrary:
+    """The loaded kernel library: a typed wrapper over its C entry point (pointers and sizes, no checks)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._dll = ctypes.CDLL(str(path))
+        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+        fn = self._dll.pk_csr_linear
+        fn.argtypes = [ptr, ptr, i64, ptr, i64, i64]
+        fn.restype = ctypes.c_int
+        #: ``csr_linear(weight_struct_address, x_ptr, N, y_ptr, threads, min_work) -> status``
+        self.csr_linear = fn
+        for name in ("pk_mask_f32", "pk_mask_f64"):
+            getattr(self._dll, name).argtypes = [ptr, ptr, i64]
+            getattr(self._dll, name).restype = None
+        #: ``mask_f32(weight_ptr, bool_mask_ptr, numel)``: zero the weights whose mask byte is 0, in place
+        self.mask_f32 = self._dll.pk_mask_f32
+        #: the same for float64 weights
+        self.mask_f64 = self._dll.pk_mask_f64
+        self._dll.pk_isa.restype = ctypes.c_int
+        self.isa = ISA_NAMES.get(int(self._dll.pk_isa()), "unknown")
+
+
+_lock = threading.Lock()
+_state: tuple[NativeLibrary | None, BuildInfo] | None = None
+
+
+def _compilers() -> list[str]:
+    named = [os.environ.get("PRUNEKIT_CXX"), os.environ.get("CXX")]
+    found = [shutil.which(c) for c in ("g++", "c++", "clang++")]
+    out: list[str] = []
+    for c in [*named, *found]:
+        if c and c not in out:
+            out.append(c)
+    return out
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (the build uses -march=native, so they are part of the cache key)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build_dir(compiler: str, flags: tuple[str, ...]) -> Path:
+    key = hashlib.sha256(
+        "\n".join([SOURCE, compiler, " ".join(flags), platform.machine(), _cpu_flags()]).encode()
+    ).hexdigest()[:16]
+    return cache_dir() / "kernels" / f"sparse-{key}"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a+b") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> float:
+    """Compile SOURCE into ``target`` (atomically, under a lock). Returns the seconds spent (0.0 if built already)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / ".lock"):
+        if target.exists():  # another process built it while we waited
+            return 0.0
+        src = target.parent / "kernels.cpp"
+        src.write_text(SOURCE)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        t0 = time.perf_counter()
+        proc = subprocess.run([compiler, *flags, str(src), "-o", str(tmp)], capture_output=True, text=True,
+                              timeout=600, check=False)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise RuntimeError(f"{compiler} failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
+        os.replace(tmp, target)
+        return seconds
+
+
+def _load() -> tuple[NativeLibrary | None, BuildInfo]:
+    if os.environ.get("PRUNEKIT_SPARSE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, BuildInfo(False, error="disabled by PRUNEKIT_SPARSE_NATIVE=0")
+    compilers = _compilers()
+    errors: list[str] = []
+    for compiler in compilers or [""]:
+        if not compiler:
+            errors.append("no C++ compiler found (looked for $PRUNEKIT_CXX, $CXX, g++, c++, clang++)")
+            break
+        for arch in _ARCH_FLAGS:
+            flags = (*arch, *_FLAGS)
+            target = _build_dir(compiler, flags) / _LIB
+            try:
+                seconds = 0.0 if target.exists() else _compile(compiler, flags, target)
+                lib = NativeLibrary(target)
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                errors.append(f"{compiler} {' '.join(arch)}: {e}")
+                continue
+            return lib, BuildInfo(True, target, lib.isa, seconds > 0, seconds, compiler)
+    error = "; ".join(errors)
+    return None, BuildInfo(False, compiler=compilers[0] if compilers else None, error=error)
+
+
+_warned = False
+
+
+def library(warn: bool = True) -> NativeLibrary | None:
+    """The native kernel library, compiling it at the first call in a process if no cached build exists.
+
+    Args:
+        warn: Issue one RuntimeWarning per process if the library is unavailable (the core's weight re-zeroing asks
+            quietly: it has an equally correct NumPy path).
+
+    Returns:
+        The loaded library, or ``None`` if it cannot be built or loaded.
+    """
+    global _state, _warned
+    state = _state
+    if state is None:
+        with _lock:
+            if _state is None:
+                _state = _load()
+            state = _state
+    if state[0] is None and warn and not _warned and state[1].error != "disabled by PRUNEKIT_SPARSE_NATIVE=0":
+        _warned = True
+        warnings.warn(
+            f"prunekit.sparse: could not build the native sparse kernel ({state[1].error}). Falling back to torch's "
+            "CSR kernels, which are slower. Install a C++ compiler with OpenMP (e.g. `apt-get install g++`) or point "
+            "$PRUNEKIT_CXX at one; set PRUNEKIT_SPARSE_NATIVE=0 to silence this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return state[0]
+
+
+def build_info() -> BuildInfo:
+    """How the native kernel was obtained (builds or loads it first if that has not happened yet).
+
+    Examples:
+        >>> info = build_info()
+        >>> info.available == (info.path is not None)
+        True
+    """
+    library()
+    return _state[1] if _state is not None else BuildInfo(False, error="not loaded")
+
+
+def _reset() -> None:
+    """Forget the loaded library (tests use it to exercise the build and fallback paths again)."""
+    global _state, _warned
+    with _lock:
+        _state, _warned = None, False

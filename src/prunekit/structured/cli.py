@@ -1,0 +1,194 @@
+"""``prunekit prune --structured``: structured pruning with fine-tuning from the command line.
+
+Adds its flags to the ``prune`` subcommand (:func:`add_arguments`) and runs (:func:`run`) when ``--structured`` is
+given: the model trains (from ``--weights`` or from scratch) while a :class:`~prunekit.structured.StructuredPruner`
+zeroes channels on the ``--schedule`` (the same flags as unstructured pruning: ``--start``, ``--end``,
+``--updates-per-epoch``, ``--rounds``), to ``--sparsity`` of each group or to a ``--macs``/``--params`` budget,
+ranked by ``--criterion`` (``taylor``, ``activation`` and ``apoz`` calibrate on the first
+``--calibration-batches`` training batches). Optionally ``--drop-blocks N`` first removes the N residual blocks that
+hurt least. At the end the channels are removed physically and the run directory gets ``model.safetensors`` (the
+small model's weights plus its plan, loadable with :func:`prunekit.structured.load` into a fresh model),
+``report.txt``/``report.json``/``report.png`` (parameters, MACs and measured CPU latency before and after, per
+layer), ``history.json`` and ``metrics.json``. A rerun of the same configuration resumes from the last epoch's
+``checkpoint.safetensors``, or only prints the result if the run is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunekit.checkpoint import load as load_checkpoint
+from prunekit.checkpoint import load_weights
+from prunekit.checkpoint import save as save_checkpoint
+from prunekit.config import PruneConfig, build_schedule, config_hash, from_arguments
+from prunekit.data.vision import load_dataset
+from prunekit.fileformat import write_text
+from prunekit.models import get_model
+from prunekit.structured.blocks import drop_blocks
+from prunekit.structured.criteria import criterion_names
+from prunekit.structured.gradual import StructuredPruner
+from prunekit.structured.planning import Plan
+from prunekit.structured.reporting import report
+from prunekit.structured.saving import save
+from prunekit.train import TrainConfig, batches, evaluate, make_optimizer, train
+
+__all__ = ["add_arguments", "run"]
+
+INPUT_SHAPE = (1, 1, 28, 28)
+
+
+def _budget(text: str) -> float | int:
+    value = float(text)
+    return int(value) if value > 1 else value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--structured`` and its options to the ``prune`` parser; ``--criterion`` also accepts structured names."""
+    group = parser.add_argument_group("structured pruning (with --structured)")
+    group.add_argument("--structured", action="store_true",
+                       help="remove whole channels/neurons (physically smaller model) instead of single weights; "
+                            f"--criterion then is one of {criterion_names()}; --sparsity is per group")
+    group.add_argument("--macs", type=_budget, default=None,
+                       help="MAC budget instead of --sparsity: fraction of dense (<= 1) or absolute count")
+    group.add_argument("--params", type=_budget, default=None,
+                       help="parameter budget instead of --sparsity: fraction of dense (<= 1) or absolute count")
+    group.add_argument("--round-to", type=int, default=1, help="keep channel counts a multiple of this")
+    group.add_argument("--min-channels", type=int, default=1, help="keep at least this many channels per group")
+    group.add_argument("--max-sparsity", type=float, default=None,
+                       help="with a budget: remove at most this fraction of any group (default 0.8)")
+    group.add_argument("--calibration-batches", type=int, default=8,
+                       help="training batches used by the taylor/activation/apoz criteria")
+    group.add_argument("--drop-blocks", type=int, default=0,
+                       help="first remove this many residual blocks (least calibration-loss increase)")
+    for action in parser._actions:  # the unstructured --criterion lists only its own names
+        if action.dest == "criterion" and action.choices is not None:
+            action.choices = sorted(set(action.choices) | set(criterion_names()))
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    write_text(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``prunekit prune --structured`` (see the module docstring)."""
+    tcfg = from_arguments(args, TrainConfig)
+    pcfg = from_arguments(args, PruneConfig)
+    if args.criterion not in criterion_names():
+        raise ValueError(f"--criterion {args.criterion} is not a structured criterion; choose one of "
+                         f"{criterion_names()}")
+    budget = {"macs": args.macs} if args.macs is not None else {"params": args.params} if args.params is not None \
+        else {}
+    structured = {"criterion": args.criterion, "sparsity": None if budget else pcfg.sparsity, **budget,
+                  "round_to": args.round_to, "min_channels": args.min_channels, "max_sparsity": args.max_sparsity,
+                  "calibration_batches": args.calibration_batches, "drop_blocks": args.drop_blocks}
+    doc = {"model": args.model, "width": args.width, "data": args.data, "train_subset": args.train_subset,
+           "weights": str(args.weights) if args.weights else None, "train": dataclasses.asdict(tcfg),
+           "prune": {k: v for k, v in dataclasses.asdict(pcfg).items()
+                     if k in ("schedule", "start", "end", "updates_per_epoch", "rounds", "exponent")},
+           "structured": structured}
+    out = Path(args.out) if args.out else Path("runs") / f"{args.model}-{args.data}-structured-{config_hash(doc)}"
+    _run(doc, tcfg, pcfg, out, data_dir=args.data_dir, progress=not args.quiet)
+    return 0
+
+
+def _run(doc: dict[str, Any], tcfg: TrainConfig, pcfg: PruneConfig, out: Path, *, data_dir: str | None,
+         progress: bool) -> dict[str, Any]:
+    config_file, ckpt_file, metrics_file = out / "config.json", out / "checkpoint.safetensors", out / "metrics.json"
+    if config_file.exists() and json.loads(config_file.read_text()) != doc:
+        raise ValueError(f"{out} holds a run with another configuration ({config_file}); choose another --out or "
+                         "delete it")
+    if metrics_file.exists():
+        metrics = json.loads(metrics_file.read_text())
+        _say((out / "report.txt").read_text().rstrip() if (out / "report.txt").exists() else "")
+        _say(f"already complete: test accuracy {metrics['test_accuracy']:.2%}; run directory: {out}")
+        return metrics
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(config_file, doc)
+    s = doc["structured"]
+    train_data = load_dataset(doc["data"], "train", data_dir)
+    if doc.get("train_subset"):
+        train_data = torch.utils.data.TensorDataset(*(t[: doc["train_subset"]] for t in train_data.tensors))
+    val_data, test_data = load_dataset(doc["data"], "val", data_dir), load_dataset(doc["data"], "test", data_dir)
+    torch.manual_seed(tcfg.seed)
+    model = get_model(doc["model"], width=doc["width"])
+    if doc["weights"]:
+        load_weights(model, doc["weights"])
+    example = torch.zeros(INPUT_SHAPE)
+    calibration = [(x, y) for _, (x, y) in zip(range(s["calibration_batches"]),
+                                                batches(train_data, tcfg.batch_size, shuffle=True, seed=tcfg.seed))]
+    before = evaluate(model, test_data).to_dict() if doc["weights"] else None
+    teacher = None
+    if getattr(tcfg, "distill", 0.0):
+        if not doc["weights"]:
+            raise ValueError("--distill needs --weights: the trained dense model is the teacher of its pruned self")
+        teacher = copy.deepcopy(model)
+    plans: list[Plan] = []
+    if s["drop_blocks"]:
+        blocks = drop_blocks(model, example, calibration, n=s["drop_blocks"])
+        blocks.apply(model)
+        plans.append(blocks)
+        _say("\n".join(blocks.notes))
+    steps_per_epoch = tcfg.steps_per_epoch(len(train_data))
+    target = {k: s[k] for k in ("macs", "params") if s.get(k) is not None}
+    pruner = StructuredPruner(model, example, s["sparsity"], **target, schedule=build_schedule(pcfg, steps_per_epoch),
+                              criterion=s["criterion"], data=calibration, round_to=s["round_to"],
+                              min_channels=s["min_channels"], max_sparsity=s["max_sparsity"])
+    opt, sched = make_optimizer(model, tcfg, steps_per_epoch * tcfg.epochs)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if ckpt_file.exists():
+        ckpt = load_checkpoint(ckpt_file, model, optimizer=opt, scheduler=sched)
+        state = ckpt.extra["structured"]
+        state["pruner"] = ckpt.pruner.state_dict() if ckpt.pruner is not None else pruner.pruner.state_dict()
+        pruner.load_state_dict(state)
+        start_epoch, history, before = int(ckpt.extra["epoch"]), list(ckpt.extra["history"]), ckpt.extra["before"]
+        _say(f"resuming {out} at epoch {start_epoch}/{tcfg.epochs}")
+
+    def on_epoch(epoch: int, record: dict[str, Any]) -> None:
+        history.append(record)
+        state = pruner.state_dict()
+        state.pop("pruner")  # the masks go in the checkpoint's own pruner slot
+        save_checkpoint(model, ckpt_file, pruner=pruner.pruner, optimizer=opt, scheduler=sched,
+                        extra={"epoch": epoch + 1, "history": history, "before": before, "structured": state})
+        if progress:
+            _say(f"epoch {epoch + 1}/{tcfg.epochs}: train loss {record['train_loss']:.4f}, "
+                 f"val accuracy {record['eval_accuracy']:.2%}, weights zeroed {record.get('sparsity', 0):.2%}")
+
+    t0 = time.perf_counter()
+    train(model, train_data, tcfg, pruner=pruner, eval_data=val_data, progress=progress, on_epoch=on_epoch,
+          optimizer=opt, scheduler=sched, start_epoch=start_epoch, **({"teacher": teacher} if teacher else {}))
+    if pruner.plan is None:
+        pruner.update()  # a schedule that never fired (e.g. zero epochs): prune to the final target now
+    soft = evaluate(model, test_data)
+    final_plan = pruner.plan
+    small = pruner.finalize()
+    plans.append(final_plan)
+    test = evaluate(small, test_data)
+    dense = get_model(doc["model"], width=doc["width"])
+    rep = report(dense, small, example)
+    write_text(out / "report.txt", str(rep) + "\n")
+    rep.to_json(out / "report.json")
+    rep.plot(out / "report.png")
+    save(small, out / "model.safetensors", plans)
+    metrics = {"test_accuracy": test.accuracy, "test_loss": test.loss, "soft_test_accuracy": soft.accuracy,
+               "val_accuracy": history[-1]["eval_accuracy"] if history else None, "before": before,
+               "macs": list(rep.macs), "params": list(rep.params), "speedup": rep.speedup,
+               "train_seconds_this_session": time.perf_counter() - t0}
+    _write_json(out / "history.json", history)
+    _write_json(out / "metrics.json", metrics)
+    _say(str(final_plan))
+    _say(str(rep))
+    _say(f"test accuracy {test.accuracy:.2%} (soft-pruned {soft.accuracy:.2%}); run directory: {out}")
+    return metrics

@@ -1,0 +1,621 @@
+"""Structured-pruning plans: what to remove, as plain data, chosen per group by a criterion.
+
+A :class:`Plan` lists ``(tensor name, dim, kept indices)`` slices and module attribute updates (``out_features``,
+``groups``, ``num_heads``, replacement modules), with the MACs and parameters before and after (counted by
+:func:`prunekit.flops.count_macs`, the project's one MAC counter). It serialises to JSON and replays on a fresh
+instance of the model definition, so a pruned model is stored as its ``state_dict`` plus the plan
+(:func:`prunekit.structured.save` / :func:`~prunekit.structured.load`), never as a pickled module.
+
+Examples:
+    >>> import torch
+    >>> from torch import nn
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    >>> x = torch.randn(1, 16)
+    >>> p = plan(model, x, sparsity=0.5)
+    >>> [(s.name, s.dim, len(s.keep)) for s in p.slices]
+    [('0.weight', 0, 16), ('0.bias', 0, 16), ('2.weight', 1, 16)]
+    >>> small = p.apply(model)
+    >>> small[0].out_features, small[2].weight.shape
+    (16, torch.Size([4, 16]))
+    >>> Plan.from_json(p.to_json()).slices == p.slices
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from prunekit.flops import count_params
+from prunekit.masks import Mask
+from prunekit.structured.applying import apply_plan, structural_copy
+from prunekit.structured.budget import CostModel, greedy, masks_after
+from prunekit.structured.criteria import GroupCriterion, get_criterion, normalize
+from prunekit.structured.dependency import DependencyGraph, Group, _registry, trace
+from prunekit.structured.handlers import Handler, HandlerRegistry, ModuleSizes
+from prunekit.structured.latency import LatencyTarget, measure_latency, parse_seconds
+from prunekit.targets import check_sparsity
+
+__all__ = ["GroupSummary", "ModuleUpdate", "Plan", "Slice", "plan"]
+
+FORMAT = "prunekit.structured.plan"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Keep only ``keep`` (ascending indices) along ``dim`` of tensor ``name``, whose size there is ``size``."""
+
+    name: str
+    dim: int
+    size: int
+    keep: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModuleUpdate:
+    """Set attributes of module ``name`` (of class ``type``), after replacing it by ``replace`` if given."""
+
+    name: str
+    type: str
+    set: dict[str, Any]
+    replace: str | None = None
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    """What the plan does to one group (for reading; replay needs only slices and module updates)."""
+
+    index: int
+    modules: tuple[str, ...]
+    units: int
+    pruned: int
+    unit_width: int
+    rules: tuple[str, ...]
+    soft_exact: bool
+
+
+class Plan:
+    """A structured-pruning plan: plain data, inspectable, serialisable, replayable. Build it with :func:`plan`.
+
+    Attributes:
+        slices: Tensor slices to keep, one per pruned tensor dimension.
+        modules: Module attribute updates and replacements.
+        groups: Per-group summary.
+        macs: ``(before, after)`` MACs of one forward pass on the example inputs (None if unknown).
+        params: ``(before, after)`` parameter counts.
+        output_shapes: Shapes of the model's tensor outputs (checked after applying).
+        criterion: Name of the criterion used (None for a callable).
+    """
+
+    def __init__(self, slices: Iterable[Slice], modules: Iterable[ModuleUpdate], groups: Iterable[GroupSummary] = (),
+                 *, macs: tuple[int, int] | None = None, params: tuple[int, int] | None = None,
+                 output_shapes: list[tuple[int, ...]] | None = None, criterion: str | None = None) -> None:
+        self.slices = list(slices)
+        self.modules = list(modules)
+        self.groups = list(groups)
+        self.macs = macs
+        self.params = params
+        self.output_shapes = output_shapes
+        self.criterion = criterion
+        #: Example inputs the plan was made with (not serialised), used by :meth:`apply` to check the result.
+        self.example_inputs: Any = None
+        #: Per-operation shapes the pruned model must produce (not serialised), from the trace.
+        self.expected_ops: list[tuple[str, str, list[tuple[int, ...]]]] | None = None
+        #: Remarks on how the plan was made (targets, criterion fallbacks), shown by ``str(plan)``.
+        self.notes: list[str] = []
+        #: False if the plan was made with ``verify=False`` (MACs and parameters after are then predicted).
+        self.verified = True
+
+    # --- applying ------------------------------------------------------------------------------------------------
+    def apply(self, model: nn.Module, *, soft: bool = False, example_inputs: Any = None,
+              verify: bool = True) -> nn.Module:
+        """Apply the plan to ``model`` in place and return it.
+
+        Args:
+            model: The model the plan was made for, or a fresh instance of its definition with the same
+                ``state_dict`` shapes.
+            soft: If True, zero the pruned slices of the parameters instead (shapes unchanged; buffers untouched).
+                Where ``group.soft_exact`` holds, the soft model computes exactly what the physical one does.
+            example_inputs: Inputs for the check run (default: those the plan was made with, if any).
+            verify: Run the check after physical pruning: the model runs, its outputs keep their shapes and every
+                operation has the shape the plan predicts. Skipped when no example inputs are known.
+
+        Returns:
+            ``model``, physically smaller (new ``nn.Parameter`` objects: create optimizers afterwards) or with zeros.
+
+        Raises:
+            PlanApplyError: If the plan does not fit the model or the pruned model fails the check (the model is
+                then left unchanged).
+        """
+        apply_plan(self, model, soft=soft, example_inputs=example_inputs, verify=verify)
+        return model
+
+    def masks(self, model: nn.Module) -> Mask:
+        """Boolean keep-masks of the pruned parameters of ``model`` (before applying), e.g. to keep the pruned
+        slices at zero while fine-tuning a soft-pruned model."""
+        params = dict(model.named_parameters())
+        masks: dict[str, torch.Tensor] = {}
+        for s in self.slices:
+            if s.name not in params:
+                continue
+            p = params[s.name]
+            keep = torch.zeros(s.size, dtype=torch.bool, device=p.device)
+            keep[list(s.keep)] = True
+            shape = [1] * p.dim()
+            shape[s.dim] = s.size
+            m = keep.view(shape).expand_as(p)
+            masks[s.name] = masks[s.name] & m if s.name in masks else m.clone()
+        return Mask(masks)
+
+    # --- reading -------------------------------------------------------------------------------------------------
+    @property
+    def pruned_units(self) -> tuple[int, int]:
+        """``(pruned, total)`` units over all groups."""
+        return sum(g.pruned for g in self.groups), sum(g.units for g in self.groups)
+
+    def __repr__(self) -> str:
+        pruned, total = self.pruned_units
+        return f"Plan({pruned}/{total} units in {len(self.groups)} groups, {len(self.slices)} tensor slices)"
+
+    def __str__(self) -> str:
+        pruned, total = self.pruned_units
+        lines = [f"Structured pruning plan: {pruned} of {total} units pruned in {len(self.groups)} groups"
+                 + (f" (criterion {self.criterion})" if self.criterion else "")]
+        if self.macs:
+            lines.append(f"MACs {_si(self.macs[0])} -> {_si(self.macs[1])} ({_ratio(*self.macs)})")
+        if self.params:
+            lines.append(f"parameters {_si(self.params[0])} -> {_si(self.params[1])} ({_ratio(*self.params)})")
+        lines.append(f"{'group':>5}  {'units':>6}  {'pruned':>6}  {'width':>5}  {'soft=phys':>9}  rule  modules")
+        from prunekit.structured.dependency import _rule_summary
+
+        for g in self.groups:
+            mods = ", ".join(g.modules[:4]) + (f", ... (+{len(g.modules) - 4})" if len(g.modules) > 4 else "")
+            lines.append(f"{g.index:>5}  {g.units:>6}  {g.pruned:>6}  {g.unit_width:>5}  "
+                         f"{'yes' if g.soft_exact else 'no':>9}  {_rule_summary(g.rules)}  {mods}")
+        replaced = [u for u in self.modules if u.replace]
+        if replaced:
+            lines.append("replaced modules: " + ", ".join(f"{u.name} -> {u.replace}" for u in replaced))
+        updates = sum(len(u.set) for u in self.modules)
+        lines.append(f"module attribute updates: {updates} in {len(self.modules)} modules")
+        lines.extend(f"note: {n}" for n in self.notes)
+        if not self.verified:
+            lines.append("note: not verified (made with verify=False): MACs and parameters after are predicted")
+        return "\n".join(lines)
+
+    # --- serialisation -------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-able data."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "criterion": self.criterion,
+            "macs": list(self.macs) if self.macs else None,
+            "params": list(self.params) if self.params else None,
+            "output_shapes": [list(s) for s in self.output_shapes] if self.output_shapes is not None else None,
+            "slices": [{"name": s.name, "dim": s.dim, "size": s.size, "keep": list(s.keep)} for s in self.slices],
+            "modules": [asdict(u) for u in self.modules],
+            "groups": [asdict(g) for g in self.groups],
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        """Rebuild a plan from :meth:`to_dict` data.
+
+        Raises:
+            ValueError: If the data is not a prunekit structured plan of a version this prunekit reads.
+        """
+        if not isinstance(data, Mapping) or data.get("format") != FORMAT:
+            raise ValueError(f"not a prunekit structured plan (expected format {FORMAT!r})")
+        if data.get("version") != VERSION:
+            raise ValueError(f"structured plan version {data.get('version')} is not supported by this prunekit "
+                             f"(reads version {VERSION}); re-create the plan")
+        result = cls(
+            [Slice(s["name"], int(s["dim"]), int(s["size"]), tuple(int(i) for i in s["keep"])) for s in data["slices"]],
+            [ModuleUpdate(u["name"], u["type"], dict(u["set"]), u.get("replace")) for u in data["modules"]],
+            [GroupSummary(g["index"], tuple(g["modules"]), g["units"], g["pruned"], g["unit_width"], tuple(g["rules"]),
+                          g["soft_exact"]) for g in data.get("groups", [])],
+            macs=tuple(data["macs"]) if data.get("macs") else None,  # type: ignore[arg-type]
+            params=tuple(data["params"]) if data.get("params") else None,  # type: ignore[arg-type]
+            output_shapes=[tuple(s) for s in data["output_shapes"]] if data.get("output_shapes") is not None else None,
+            criterion=data.get("criterion"),
+        )
+        result.notes = list(data.get("notes", []))
+        return result
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls.from_dict(json.loads(text))
+
+
+def _si(n: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def _ratio(before: int, after: int) -> str:
+    return f"{before / after:.2f}x fewer" if after else "all removed"
+
+
+def _count(group: Group, sparsity: float, round_to: int, min_channels: int) -> int:
+    """How many of the group's units to prune."""
+    n, width, fixed = group.num_units, group.unit_width, group.fixed
+    target = min(n, math.floor(sparsity * n + 0.5))
+    min_units = max(1, math.ceil(max(min_channels - fixed, 0) / width))
+    most = max(0, n - min_units)
+    k = min(target, most)
+    if round_to > 1 and k > 0:
+        fits = [c for c in range(most + 1) if (fixed + (n - c) * width) % round_to == 0]
+        if fits:
+            k = min(fits, key=lambda c: (abs(c - target), c))
+    return k
+
+
+def _select(group: Group, scores: torch.Tensor, k: int, min_channels: int) -> torch.Tensor:
+    """Prune the ``k`` lowest-scoring units, skipping any unit whose removal would leave a member tensor dimension
+    with fewer than ``min_channels`` positions (a group can span many layers, e.g. a DenseNet block's growth
+    channels, and no layer may lose all of its channels)."""
+    order = torch.argsort(scores, stable=True).tolist()
+    counts = torch.stack([torch.bincount(m.unit[m.unit >= 0], minlength=group.num_units) for m in group.members])
+    left = torch.tensor([m.unit.numel() for m in group.members])
+    floor = torch.clamp(torch.tensor(min_channels), max=left)
+    mask = torch.zeros(group.num_units, dtype=torch.bool)
+    lowest = torch.tensor(order[:k], dtype=torch.long)
+    if bool((left - counts[:, lowest].sum(dim=1) >= floor).all()):  # the common case: no member runs dry
+        mask[lowest] = True
+        return mask
+    taken = 0
+    for u in order:
+        if taken == k:
+            break
+        after = left - counts[:, u]
+        if bool((after < floor).any()):
+            continue
+        left = after
+        mask[u] = True
+        taken += 1
+    return mask
+
+
+def _budget(value: Any, dense: int, what: str) -> float | None:
+    """A MAC or parameter budget: a float in (0, 1] is a fraction of the dense count, an int > 1 an absolute one."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a fraction of the dense count (float in (0, 1]) or an absolute count (int), "
+                        f"got {value!r}")
+    if isinstance(value, float):
+        if not 0 < value <= 1:
+            raise ValueError(f"{what}={value!r} as a float is a fraction of the dense model's count and must be in "
+                             f"(0, 1]; pass an int for an absolute count")
+        return value * dense
+    if value < 1:
+        raise ValueError(f"{what}={value!r} must be >= 1 as an absolute count")
+    return float(value)
+
+
+def _scores(score: GroupCriterion, group: Group, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    scores = score(group, tensors)
+    if not isinstance(scores, torch.Tensor) or scores.shape != (group.num_units,):
+        got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"criterion returned {got} for group {group.index}; expected a tensor of shape "
+                         f"({group.num_units},), one score per unit")
+    if scores.is_floating_point() and bool(torch.isnan(scores).any()):
+        raise ValueError(f"criterion returned NaN scores for group {group.index} ({group.describe()})")
+    return scores.detach().cpu().float()
+
+
+def plan(
+    model: nn.Module,
+    example_inputs: Any,
+    sparsity: float | Callable[[Group], float] | None = None,
+    *,
+    macs: float | int | None = None,
+    params: float | int | None = None,
+    latency: float | str | LatencyTarget | None = None,
+    criterion: str | GroupCriterion = "l2",
+    data: Iterable[Any] | None = None,
+    loss: str | Callable[..., torch.Tensor] | None = None,
+    round_to: int = 1,
+    min_channels: int = 1,
+    max_sparsity: float | None = None,
+    ignore: Iterable[str | type] = (),
+    leaves: Iterable[str | type] = (),
+    handlers: Mapping[type | str, Handler] | HandlerRegistry | None = None,
+    graph: DependencyGraph | None = None,
+    verify: bool = True,
+) -> Plan:
+    """Plan structured pruning of ``model``: a fraction of every group's units, or whatever meets a budget.
+
+    Two kinds of target:
+
+    * ``sparsity``: remove that fraction of each group's units (the lowest-scoring ones), group by group.
+    * a budget, ``macs=``, ``params=`` or ``latency=``: rank units across all groups by their score per MAC (or
+      parameter) saved, scores L2-normalised per group, and remove the lowest until the budget is met
+      (:func:`prunekit.structured.budget.greedy`; MACs and parameters predicted analytically, then counted). For
+      ``latency`` the same ranking is cut where the pruned model's *measured* latency (median of repeats, see
+      :func:`~prunekit.structured.measure_latency`) first meets the target (found by bisection).
+
+    Args:
+        model: The model (not changed).
+        example_inputs: A tensor, a tuple of positional arguments or a dict of keyword arguments (batch size 1 is
+            enough), used to trace the model, count MACs and check the pruned model.
+        sparsity: Fraction in [0, 1) of each group's units to remove, or ``fn(group) -> fraction`` per group
+            (default 0.5 when no budget is given).
+        macs: MAC budget: a float in (0, 1] is a fraction of the dense model's MACs, an int an absolute count.
+        params: Parameter budget, likewise.
+        latency: Latency budget: a fraction of the dense model's measured latency (float in (0, 1]), a time such as
+            ``"5ms"``, or a :class:`LatencyTarget` (which also sets the inputs, repeats and threads of the timing).
+        criterion: ``"l1"``, ``"l2"`` (group weight norms), ``"random"``, ``"bn_scale"``, or, with ``data``,
+            ``"taylor"``, ``"activation"``, ``"apoz"``; or a callable ``criterion(group, tensors) -> scores``
+            (see :mod:`prunekit.structured.criteria`); lowest scores go.
+        data: Calibration batches for data-driven criteria: ``(inputs, labels)`` pairs (task loss) or bare inputs
+            (distillation against the model's own outputs).
+        loss: Loss of the ``"taylor"`` criterion (see :class:`~prunekit.structured.TaylorScore`).
+        round_to: Where possible, keep a multiple of this many channels in each group (e.g. 8 for SIMD kernels).
+        min_channels: Keep at least this many channels in each group (at least one unit is always kept).
+        max_sparsity: With a budget, remove at most this fraction of any group's units (default 0.8, so that the
+            cost-aware ranking never strips a cheap-to-remove group to a sliver).
+        ignore: Modules (name globs or types) that keep their shapes.
+        leaves: Modules (name globs or types) not traced inside; their parameters, inputs and outputs keep their shapes.
+        handlers: Extra module handlers ``{class or qualified name: Handler}`` (default: those ``graph`` was traced
+            with, else the registered ones).
+        graph: A :class:`DependencyGraph` from :func:`trace` of this model, to skip tracing again (``ignore`` and
+            ``leaves`` are then those of the trace).
+        verify: Apply the plan to a copy and run it (checks the plan, counts MACs exactly). ``False`` skips that
+            run, for cheap planning in loops: ``plan.macs``/``plan.params`` are then predicted
+            (:class:`~prunekit.structured.budget.CostModel`) and ``plan.verified`` is False.
+
+    Returns:
+        The :class:`Plan` (``str(plan)`` shows groups and MACs before -> after).
+
+    Raises:
+        TypeError: For arguments of the wrong type.
+        ValueError: For an out-of-range sparsity, budget, ``round_to`` or ``min_channels``, both a sparsity and a
+            budget, or scores of the wrong shape.
+        UnsupportedOpError: If the model runs an operation prunekit cannot follow (see :func:`trace`).
+        PlanApplyError: If the pruned model does not run (the message names the module to give a handler).
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), nn.Conv2d(32, 4, 3))
+        >>> p = plan(model, torch.randn(1, 3, 16, 16), macs=0.5, round_to=8)
+        >>> p.macs[1] <= 0.5 * p.macs[0], [g.units - g.pruned for g in p.groups]
+        (True, [8, 32])
+    """
+    sparsity, target_latency = _check_targets(sparsity, macs, params, latency, round_to, min_channels, max_sparsity)
+    score = get_criterion(criterion, data=data, loss=loss)
+    registry = graph.handlers if graph is not None and handlers is None else _registry(handlers)
+    if graph is None:
+        graph = trace(model, example_inputs, ignore=ignore, leaves=leaves, handlers=registry)
+    pruned, notes, cost = _choose(model, example_inputs, graph, registry, score, sparsity, macs=macs, params=params,
+                                  latency=target_latency, round_to=round_to, min_channels=min_channels,
+                                  max_sparsity=max_sparsity)
+    name = criterion if isinstance(criterion, str) else getattr(score, "name", None)
+    return _finish(model, example_inputs, graph, registry, pruned, notes + list(getattr(score, "notes", [])), name,
+                   verify=verify, cost=cost)
+
+
+def _check_targets(sparsity: Any, macs: Any, params: Any, latency: Any, round_to: Any, min_channels: Any,
+                   max_sparsity: Any) -> tuple[Any, LatencyTarget | None]:
+    """Validate the targets of :func:`plan`; returns the sparsity (0.5 if nothing is given) and the latency target."""
+    budgets = [b for b in (("macs", macs), ("params", params), ("latency", latency)) if b[1] is not None]
+    if len(budgets) > 1:
+        raise ValueError(f"give one budget, got {[b[0] for b in budgets]}")
+    if budgets and sparsity is not None:
+        raise ValueError(f"give either sparsity={sparsity!r} (per group) or a budget ({budgets[0][0]}=...), not both; "
+                         "with a budget, max_sparsity= caps each group")
+    if sparsity is None and not budgets:
+        sparsity = 0.5
+    if sparsity is not None and not callable(sparsity):
+        check_sparsity(sparsity)
+    if max_sparsity is not None:
+        check_sparsity(max_sparsity, "max_sparsity")
+    for value, what in ((round_to, "round_to"), (min_channels, "min_channels")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what} must be a positive int, got {value!r}")
+    if latency is None or isinstance(latency, LatencyTarget):
+        return sparsity, latency
+    if isinstance(latency, str):
+        return sparsity, LatencyTarget(seconds=parse_seconds(latency))
+    if isinstance(latency, float):
+        return sparsity, LatencyTarget(fraction=latency)
+    raise TypeError(f"latency must be a fraction of the dense latency (float), a time like '5ms' or a LatencyTarget, "
+                    f"got {latency!r}")
+
+
+def _choose(model: nn.Module, example_inputs: Any, graph: DependencyGraph, registry: HandlerRegistry,
+            score: GroupCriterion, sparsity: Any, *, macs: Any, params: Any, latency: LatencyTarget | None,
+            round_to: int, min_channels: int, max_sparsity: float | None,
+            ) -> tuple[dict[int, torch.Tensor], list[str], CostModel | None]:
+    """Which units to prune: ``{group index: bool per unit}``, notes, and the cost model if one was built."""
+    prepare = getattr(score, "prepare", None)
+    if callable(prepare):
+        prepare(model, graph)
+    tensors = dict(model.named_parameters())
+    pruned: dict[int, torch.Tensor] = {}
+    notes: list[str] = []
+    if sparsity is not None:
+        for g in graph.groups:
+            s = check_sparsity(sparsity(g), "sparsity(group)") if callable(sparsity) else float(sparsity)
+            k = _count(g, s, round_to, min_channels)
+            if k:
+                pruned[g.index] = _select(g, _scores(score, g, tensors), k, min_channels)
+        return pruned, notes, None
+    cost = CostModel(model, graph)
+    scores = {g.index: normalize(_scores(score, g, tensors)) for g in graph.groups}
+    limit = 0.8 if max_sparsity is None else max_sparsity
+    if latency is not None:
+        pruned, note = _latency_search(model, example_inputs, graph, registry, cost, scores, latency,
+                                       round_to=round_to, min_channels=min_channels, max_sparsity=limit)
+        return pruned, [note], cost
+    which = "params" if params is not None else "macs"
+    dense = cost.total_params if which == "params" else cost.total_macs
+    target = float(_budget(params if which == "params" else macs, dense, which))  # type: ignore[arg-type]
+    pruned, _ = greedy(graph, cost, scores, which=which, target=target, round_to=round_to,
+                       min_channels=min_channels, max_sparsity=limit)
+    got = cost.params(pruned) if which == "params" else cost.macs(pruned)
+    if got > target * (1 + 1e-9):
+        notes.append(f"budget {which}={int(target)} cannot be met with min_channels={min_channels}, "
+                     f"max_sparsity={limit}: reached {got}")
+    notes.append(f"target: {which} <= {int(target)} ({target / dense:.3f} of dense)")
+    return pruned, notes, cost
+
+
+def _finish(model: nn.Module, example_inputs: Any, graph: DependencyGraph, registry: HandlerRegistry,
+            pruned: Mapping[int, torch.Tensor], notes: list[str], criterion: str | None, *, verify: bool,
+            cost: CostModel | None = None) -> Plan:
+    """The :class:`Plan` removing ``pruned`` units, checked on a copy (``verify``) or with predicted counts."""
+    pruned = {k: v for k, v in pruned.items() if bool(v.any())}
+    summaries = [GroupSummary(g.index, g.modules, g.num_units, int(pruned[g.index].sum()) if g.index in pruned else 0,
+                              g.unit_width, g.rules, g.soft_exact) for g in graph.groups]
+    result = _make_plan(model, graph, pruned, registry, summaries)
+    result.criterion = criterion
+    result.notes = list(notes)
+    result.example_inputs = example_inputs
+    before = (graph.state.macs, count_params(model))
+    if result.slices and verify:  # apply to a copy sharing the tensors: checks the plan and counts what remains
+        small = structural_copy(model)
+        counted = apply_plan(result, small, example_inputs=example_inputs)
+        after = (int(counted), count_params(small))
+        del small
+    elif result.slices:
+        cost = cost or CostModel(model, graph)
+        after = (cost.macs(pruned), cost.params(pruned))
+        result.verified = False
+    else:
+        after = before
+    result.macs, result.params = (before[0], after[0]), (before[1], after[1])
+    return result
+
+
+def _latency_search(model: nn.Module, example_inputs: Any, graph: DependencyGraph, registry: HandlerRegistry,
+                    cost: CostModel, scores: Mapping[int, torch.Tensor], target: LatencyTarget, *, round_to: int,
+                    min_channels: int, max_sparsity: float | None) -> tuple[dict[int, torch.Tensor], str]:
+    """The shortest prefix of the MAC-greedy removal sequence whose measured latency meets ``target``."""
+    inputs = target.inputs if target.inputs is not None else example_inputs
+    _, steps = greedy(graph, cost, scores, which="macs", target=0.0, round_to=round_to, min_channels=min_channels,
+                      max_sparsity=max_sparsity, exhaust=True)
+    timing = {"repeats": target.repeats, "warmup": target.warmup, "threads": target.threads}
+    measured: dict[int, float] = {}
+
+    def seconds(n: int) -> float:
+        if n not in measured:
+            if n == 0:
+                small = model
+            else:
+                candidate = _make_plan(model, graph, masks_after(graph, steps, n), registry, [])
+                small = apply_plan_copy(candidate, model)
+            measured[n] = measure_latency(small, inputs, **timing)["model"].median
+        return measured[n]
+
+    dense = seconds(0)
+    goal = target.seconds if target.seconds is not None else float(target.fraction) * dense
+    lo, hi = 0, len(steps)
+    if seconds(hi) > goal:
+        return masks_after(graph, steps, hi), (f"latency target {goal * 1e3:.3f} ms not reached: "
+                                               f"{seconds(hi) * 1e3:.3f} ms with everything prunable removed "
+                                               f"(dense {dense * 1e3:.3f} ms)")
+    while hi - lo > 1:  # invariant: seconds(hi) <= goal; seconds(lo) > goal (or lo == 0)
+        mid = (lo + hi) // 2
+        if seconds(mid) <= goal:
+            hi = mid
+        else:
+            lo = mid
+    if seconds(0) <= goal:
+        hi = 0
+    return masks_after(graph, steps, hi), (f"target: latency <= {goal * 1e3:.3f} ms (dense {dense * 1e3:.3f} ms); "
+                                           f"measured {seconds(hi) * 1e3:.3f} ms after {hi} of {len(steps)} steps, "
+                                           f"{len(measured)} measurements")
+
+
+def apply_plan_copy(candidate: Plan, model: nn.Module) -> nn.Module:
+    """A physically pruned copy of ``model`` that shares its unpruned tensors (no check run)."""
+    small = structural_copy(model)
+    apply_plan(candidate, small, verify=False)
+    return small
+
+
+def _make_plan(model: nn.Module, graph: DependencyGraph, pruned: Mapping[int, torch.Tensor],
+               registry: HandlerRegistry, summaries: list[GroupSummary]) -> Plan:
+    slices: list[Slice] = []
+    kept: dict[tuple[str, int], list[int]] = {}
+    for gi, mask in pruned.items():
+        for m in graph.groups[gi].members:
+            gone = (m.unit >= 0) & mask[m.unit.clamp(min=0)]
+            if bool(gone.any()):
+                keep = (~gone).nonzero().squeeze(1).tolist()
+                slices.append(Slice(m.name, m.dim, int(m.unit.numel()), tuple(keep)))
+                kept[(m.name, m.dim)] = keep
+    old: dict[str, tuple[int, ...]] = {}
+    aliases: dict[str, str] = {}
+    first: dict[int, str] = {}
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        canonical = first.setdefault(id(t), name)
+        aliases[name] = canonical
+        old[canonical] = tuple(t.shape)
+    position = {name: i for i, name in enumerate(old)}
+    slices.sort(key=lambda s: (position.get(s.name, len(position)), s.dim))
+    new = dict(old)
+    for s in slices:
+        shape = list(new[s.name])
+        shape[s.dim] = len(s.keep)
+        new[s.name] = tuple(shape)
+    pruned_atom = graph.pruned_atoms(pruned)
+    calls = graph.state.calls
+    updates = []
+    if slices:
+        for name, module in model.named_modules():
+            handler = registry.find(module)
+            if handler is None:
+                continue
+            call = calls.get(name)
+            inputs = [(shape, graph.shape_after(shape, fields, pruned_atom)) for shape, fields in call.inputs] if call \
+                else []
+            sizes = ModuleSizes(name, old, new, kept, aliases, inputs)
+            if not sizes.changed() and not any(a != b for a, b in inputs):
+                continue
+            replace = handler.replacement(module, sizes)
+            attrs = handler.attributes(module, sizes)
+            attrs = {k: v for k, v in attrs.items() if _differs(getattr(module, k, None), v)}
+            if attrs or replace:
+                updates.append(ModuleUpdate(name, type(module).__name__, _jsonable(attrs), replace))
+    outputs = [tuple(t.shape) for t in tree_flatten(graph.state.output)[0] if isinstance(t, torch.Tensor)]
+    result = Plan(slices, updates, summaries, output_shapes=outputs)
+    if slices:
+        result.expected_ops = [(op.op, op.module, [graph.shape_after(s, f, pruned_atom) for s, f in
+                                                   zip(op.shapes, op.fields)]) for op in graph.state.ops]
+    return result
+
+
+def _differs(current: Any, value: Any) -> bool:
+    if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
+        return list(current) != list(value)
+    return current != value
+
+
+def _jsonable(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in attrs.items():
+        if isinstance(v, tuple):
+            v = list(v)
+        json.dumps(v)  # raises TypeError for values a plan cannot store
+        out[k] = v
+    return out

@@ -1,0 +1,308 @@
+"""Trace a model once at the ATen level and propagate channel labels through every operation.
+
+Why ATen-level tracing under a ``TorchDispatchMode`` rather than ``torch.fx`` / ``torch.export``: the model simply
+runs on the user's ``example_inputs``, so anything that runs is traced — Python control flow, data-dependent shapes,
+Hugging Face modules with their cache and mask plumbing, torchvision's functional attention. Every call reaches us
+as one of a few hundred canonical ATen operators with concrete shapes (``nn.Linear`` is ``t`` + ``addmm``, an
+``einsum`` is ``permute`` + ``bmm``), so one rule per operator family covers all module types, including custom ones.
+``torch.fx`` symbolic tracing fails on control flow and on most Hugging Face models; ``torch.export`` needs
+export-clean code and rewrites modules into a graph that no longer maps one-to-one onto the user's modules. The
+price of tracing by running: the graph is the one the example inputs take (a branch not taken is not seen), so use
+inputs that exercise the model's normal path.
+
+A module-stack tracker (global forward pre/post hooks, removed afterwards) records which module runs each operation,
+for error messages, leaf/ignored modules and module handlers (:mod:`prunekit.structured.handlers`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules import module as module_hooks
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from prunekit.flops import _split_inputs, count_macs
+from prunekit.structured.labels import Field, LabelState
+from prunekit.structured.rules import lookup
+
+__all__ = ["ModuleCall", "OpRecord", "TraceState", "UnsupportedOpError", "resolve_modules", "run_trace"]
+
+
+class UnsupportedOpError(RuntimeError):
+    """The tracer met an operation it cannot follow on a tensor that carries prunable channels."""
+
+
+@dataclass
+class OpRecord:
+    """One traced operation: its name, the module that ran it and its tensor outputs (shapes and labels)."""
+
+    op: str
+    module: str
+    shapes: list[tuple[int, ...]]
+    fields: list[list[Field]]
+
+
+@dataclass
+class ModuleCall:
+    """The first call of a module: positional tensor inputs and flattened tensor outputs (shape, labels)."""
+
+    inputs: list[tuple[tuple[int, ...], list[Field]]] = field(default_factory=list)
+    outputs: list[tuple[tuple[int, ...], list[Field]]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TensorAtoms:
+    """The atoms of one dimension of a parameter or buffer: ``base + position``."""
+
+    name: str
+    dim: int
+    base: int
+    size: int
+    is_buffer: bool
+
+
+def resolve_modules(model: nn.Module, specs: Iterable[str | type], what: str) -> set[int]:
+    """Ids of the modules matching any spec: a name glob (fnmatch on ``named_modules()`` names) or a module type.
+
+    Raises:
+        TypeError: If a spec is neither a string nor a type.
+        ValueError: If a spec matches no module.
+    """
+    found: set[int] = set()
+    named = list(model.named_modules(remove_duplicate=False))
+    for spec in specs:
+        if isinstance(spec, str):
+            hits = [m for n, m in named if fnmatch.fnmatchcase(n, spec)]
+        elif isinstance(spec, type):
+            hits = [m for _, m in named if isinstance(m, spec)]
+        else:
+            raise TypeError(f"{what} entries must be module names (globs such as 'layer4.*') or module types, "
+                            f"got {spec!r}")
+        if not hits:
+            some = [n for n, _ in named[1:6]]
+            raise ValueError(f"{what} entry {spec!r} matches no module of {type(model).__name__}; module names look "
+                             f"like {some}")
+        found.update(id(m) for m in hits)
+    return found
+
+
+class TraceState(LabelState):
+    """Labels of every live tensor plus what was recorded about the run.
+
+    Handlers (:class:`~prunekit.structured.handlers.Handler`) receive this object: :meth:`fields`, :meth:`set_fields`,
+    :meth:`union` and :meth:`freeze` are what they need.
+    """
+
+    def __init__(self, model: nn.Module, *, handlers: Any, leaves: set[int], ignored: set[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.handlers = handlers
+        self.names: dict[int, str] = {}
+        self.buffer_names: set[str] = set()
+        for name, p in model.named_parameters():
+            self.names.setdefault(id(p), name)
+        for name, b in model.named_buffers():
+            if b.is_floating_point() and id(b) not in self.names:
+                self.names[id(b)] = name
+                self.buffer_names.add(name)
+        self.module_names: dict[int, str] = {}
+        for name, m in model.named_modules():
+            self.module_names.setdefault(id(m), name)
+        self.leaves = leaves
+        self.frozen_tensors: set[int] = set()  # ids of parameters/buffers inside ignored or leaf modules
+        for m in model.modules():
+            if id(m) in leaves or id(m) in ignored:
+                for t in list(m.parameters()) + list(m.buffers()):
+                    self.frozen_tensors.add(id(t))
+        self.labels: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.tensor_atoms: list[TensorAtoms] = []
+        self.stack: list[tuple[str, nn.Module]] = [("", model)]
+        self.opaque_depth = 0  # inside a leaf or an opaque handler's module: operations are not followed
+        self.leaf_depth = 0  # inside a leaf: labelled inputs are frozen
+        self.ops: list[OpRecord] = []
+        self.calls: dict[str, ModuleCall] = {}
+        self.output: Any = None
+        self.macs = 0  # MACs of the traced forward pass (prunekit.flops.count_macs)
+        self.macs_by_param: dict[str, int] = {}  # MACs per weight of that pass (count_macs's by_param)
+
+    # --- labels ------------------------------------------------------------------------------------------------
+    def fields(self, t: torch.Tensor) -> list[Field]:
+        """The fields of a tensor (parameters and floating buffers get fresh atoms when first seen)."""
+        found = self.labels.get(t)
+        if found is not None:
+            return found
+        name = self.names.get(id(t))
+        if name is None or t.dim() == 0:
+            return []
+        fields = []
+        for d, n in enumerate(t.shape):
+            if n > 1:
+                atoms = self.new_atoms(n)
+                self.tensor_atoms.append(TensorAtoms(name, d, int(atoms[0]), n, name in self.buffer_names))
+                fields.append(Field((d,), atoms))
+        self.labels[t] = fields
+        if id(t) in self.frozen_tensors:
+            self.freeze_fields(fields)
+        return fields
+
+    def set_fields(self, t: Any, fields: Sequence[Field]) -> None:
+        """Set the fields of an output tensor (fields on dimensions of size 1 or without atoms are dropped)."""
+        if not isinstance(t, torch.Tensor):
+            return
+        keep = [
+            f for f in fields
+            if all(d < t.dim() and t.shape[d] == f.size(d) and t.shape[d] > 1 for d in f.dims)
+            and bool((f.atoms >= 0).any()) and not self.all_frozen(f.atoms)
+        ]
+        # a frozen field carries nothing prunable: dropping it keeps its dims unlabelled, which freezes any partner
+        # just as coupling to it would; fields sharing dimensions are merged so that every dim has one field
+        self.labels[t] = self.merge(keep) if len(keep) > 1 else keep
+
+    # --- context -----------------------------------------------------------------------------------------------
+    def where(self) -> str:
+        """The innermost module running now (its name, or ``<model>`` for the root)."""
+        return self.stack[-1][0] or "<model>"
+
+    def attention_rule(self) -> str:
+        """``"heads"`` (default: prune whole heads) unless a handler of an enclosing module asks for ``"uniform"``."""
+        for _, module in reversed(self.stack):
+            handler = self.handlers.find(module)
+            if handler is not None and handler.attention:
+                return handler.attention
+        return "heads"
+
+    def origin(self, atoms: torch.Tensor) -> str:
+        """Which parameter dimension an atom came from, for messages."""
+        atoms = atoms.reshape(-1)
+        atoms = atoms[atoms >= 0]
+        if not atoms.numel():
+            return "?"
+        a = int(atoms[0])
+        bases = [ta.base for ta in self.tensor_atoms]
+        ta = self.tensor_atoms[bisect.bisect_right(bases, a) - 1]
+        return f"{ta.name} dim {ta.dim}"
+
+    def unsupported(self, func: Any, detail: str) -> None:
+        """Raise :class:`UnsupportedOpError` for ``func`` in the current module, with the fix."""
+        name, module = self.stack[-1]
+        kind = type(module).__name__
+        where = f"module {name!r} ({kind})" if name else f"the model's own forward ({kind})"
+        path = " > ".join(f"{n or '<model>'} ({type(m).__name__})" for n, m in self.stack)
+        leaf = f"leaves=[{name!r}] (or leaves=[{kind}])" if name else "leaves=[<the submodule that runs it>]"
+        raise UnsupportedOpError(
+            f"prunekit.structured cannot follow {func} in {where}, module path {path}: {detail}. Fix: keep the "
+            f"module whole with {leaf}, which freezes its parameters, inputs and outputs, or teach prunekit the "
+            f"module with prunekit.structured.register_handler({kind}, handler)."
+        )
+
+    # --- callbacks from the dispatch mode and the module hooks ----------------------------------------------------
+    def on_op(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if self.opaque_depth:
+            if self.leaf_depth:
+                for t in inputs:  # a leaf's inputs and parameters keep their size
+                    self.freeze_fields(self.fields(t))
+            for t in outputs:  # inside an opaque module: its handler labels the module's outputs
+                self.labels[t] = []
+        elif any(self.fields(t) for t in inputs):
+            rule = lookup(func)
+            if rule is None:
+                labelled = next(t for t in inputs if self.fields(t))
+                self.unsupported(func, "prunekit has no rule for this operation and its input carries the channels "
+                                       f"of {self.origin(self.fields(labelled)[0].atoms)}")
+            rule(self, func, args, kwargs, out)
+        self.ops.append(OpRecord(str(func), self.stack[-1][0], [tuple(t.shape) for t in outputs],
+                                 [self.labels.get(t) or [] for t in outputs]))
+
+    def pre_hook(self, module: nn.Module, args: tuple) -> None:
+        with _disable_current_modes():  # label bookkeeping must not be traced itself
+            self._pre(module, args)
+
+    def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        with _disable_current_modes():
+            self._post(module, args, kwargs, output)
+
+    def _pre(self, module: nn.Module, args: tuple) -> None:
+        name = self.module_names.get(id(module))
+        if name is None or module is self.model:
+            return
+        self.stack.append((name, module))
+        if not self.opaque_depth and name not in self.calls:
+            self.calls[name] = ModuleCall(
+                inputs=[(tuple(t.shape), self.fields(t)) for t in args if isinstance(t, torch.Tensor)])
+        handler = self.handlers.find(module)
+        if id(module) in self.leaves or (handler is not None and handler.opaque):
+            self.opaque_depth += 1
+            self.leaf_depth += id(module) in self.leaves
+
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if module is self.model:
+            self.output = output
+            return
+        name = self.module_names.get(id(module))
+        if name is None or module is self.model or not self.stack or self.stack[-1][1] is not module:
+            return
+        handler = self.handlers.find(module)
+        if id(module) in self.leaves or (handler is not None and handler.opaque):
+            self.opaque_depth -= 1
+            self.leaf_depth -= id(module) in self.leaves
+        if not self.opaque_depth:
+            if handler is not None and id(module) not in self.leaves:
+                handler.trace(self, module, name, args, kwargs, output)
+            call = self.calls.get(name)
+            if call is not None and not call.outputs:
+                call.outputs = [(tuple(t.shape), self.fields(t)) for t in tree_flatten(output)[0]
+                                if isinstance(t, torch.Tensor)]
+        self.stack.pop()
+
+
+class _Mode(TorchDispatchMode):
+    def __init__(self, state: TraceState) -> None:
+        super().__init__()
+        self.state = state
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        out = func(*args, **kwargs)
+        self.state.on_op(func, args, kwargs, out)
+        return out
+
+
+def run_trace(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    handlers: Any,
+    leaves: set[int] = frozenset(),  # type: ignore[assignment]
+    ignored: set[int] = frozenset(),  # type: ignore[assignment]
+) -> TraceState:
+    """Run ``model`` once on ``example_inputs`` (eval mode, no grad) and label every tensor it computes.
+
+    The run is :func:`prunekit.flops.count_macs`'s (so the MACs come for free). Model outputs are frozen (their
+    channels cannot shrink). The model's train/eval modes are restored.
+    """
+    _split_inputs(example_inputs)  # validates the type
+    state = TraceState(model, handlers=handlers, leaves=set(leaves), ignored=set(ignored))
+    pre = module_hooks.register_module_forward_pre_hook(state.pre_hook)
+    post = module_hooks.register_module_forward_hook(state.post_hook, with_kwargs=True)
+    try:
+        with _Mode(state):  # the MAC counter runs the model once (eval, no grad); the trace follows the same run
+            counted = count_macs(model, example_inputs)
+            state.macs, state.macs_by_param = counted.total, counted.by_param
+    finally:
+        pre.remove()
+        post.remove()
+    output = state.output
+    for t in tree_flatten(output)[0]:
+        if isinstance(t, torch.Tensor):
+            state.freeze_fields(state.fields(t))
+    return state

@@ -1,0 +1,167 @@
+"""The file format and checkpoints: round trips, resume, corruption, truncation, wrong model, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+from prunekit import Gradual, Pruner
+from prunekit.checkpoint import load, save
+from prunekit.fileformat import FileFormatError, read, write
+
+
+def net(seed=0, hidden=32):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, 3))
+
+
+def run(model, pruner, opt, sched, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 12, generator=g)
+        y = torch.randint(0, 3, (16,), generator=g)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        pruner.step()
+
+
+def make(seed=0):
+    model = net(seed)
+    pruner = Pruner(model, 0.9, schedule=Gradual(start=0, end=20, every=2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=40)
+    return model, pruner, opt, sched
+
+
+def test_resume_continues_with_identical_masks_and_weights(tmp_path):
+    model, pruner, opt, sched = make()
+    run(model, pruner, opt, sched, 9, seed=1)
+    path = save(model, tmp_path / "ckpt.safetensors", pruner=pruner, optimizer=opt, scheduler=sched,
+                extra={"epoch": 1, "note": "mid-schedule"})
+    run(model, pruner, opt, sched, 15, seed=2)  # the uninterrupted run
+
+    model2, _, opt2, sched2 = make(seed=5)  # different init: everything must come from the file
+    ckpt = load(path, model2, optimizer=opt2, scheduler=sched2)
+    assert ckpt.extra == {"epoch": 1, "note": "mid-schedule"}
+    assert ckpt.pruner.step_count == 9
+    run(model2, ckpt.pruner, opt2, sched2, 15, seed=2)
+    assert ckpt.pruner.masks.equal(pruner.masks)
+    for (n, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_model_state_dict_keeps_original_keys_and_loads_strictly(tmp_path):
+    model = net()
+    pruner = prunekit.prune(model, 0.5)
+    path = save(model, tmp_path / "m.safetensors", pruner=pruner)
+    tensors, meta = read(path, kind="checkpoint")
+    assert {k.removeprefix("model/") for k in tensors if k.startswith("model/")} == set(model.state_dict())
+    fresh = net(seed=3)
+    fresh.load_state_dict({k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")},
+                          strict=True)
+    assert all(tensors[f"mask/{k}"].dtype == torch.bool for k in pruner.masks)
+
+
+def test_no_pickle_in_file(tmp_path):
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    path = save(model, tmp_path / "m.safetensors", pruner=prunekit.prune(model, 0.5), optimizer=opt)
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])  # plain JSON header, tensors after it: nothing to unpickle
+    assert header["__metadata__"]["prunekit.format"] == "prunekit"
+    assert b"\x80\x04\x95" not in raw[: 8 + n]  # no pickle protocol-4 frame in the header
+
+
+def test_wrong_model_names_the_tensors(tmp_path):
+    path = save(net(), tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match=r"'0.weight: file \(32, 12\) vs model \(16, 12\)'"):
+        load(path, net(hidden=16))
+    with pytest.raises(ValueError, match="missing"):
+        load(path, nn.Sequential(nn.Linear(12, 3)))
+
+
+def test_truncated_and_corrupted_files(tmp_path):
+    model = net()
+    path = save(model, tmp_path / "m.safetensors", pruner=prunekit.prune(model, 0.5))
+    data = path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(FileFormatError, match="truncated or corrupted"):
+        load(tmp_path / "trunc.safetensors", net())
+    flipped = bytearray(data)
+    flipped[-5] ^= 0xFF
+    (tmp_path / "flip.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(FileFormatError, match="checksum"):
+        load(tmp_path / "flip.safetensors", net())
+    with pytest.raises(FileFormatError, match="no such file"):
+        load(tmp_path / "missing.safetensors", net())
+
+
+def test_wrong_version_and_kind(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "v9.safetensors"),
+              metadata={"prunekit.format": "prunekit", "prunekit.version": "9", "prunekit.kind": "checkpoint"})
+    with pytest.raises(FileFormatError, match="version 9"):
+        read(tmp_path / "v9.safetensors")
+    save_file({"w": torch.ones(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(FileFormatError, match="not a prunekit file"):
+        read(tmp_path / "plain.safetensors")
+    write(tmp_path / "other.safetensors", {"w": torch.ones(2)}, {}, kind="report")
+    with pytest.raises(FileFormatError, match="expected a 'checkpoint'"):
+        load(tmp_path / "other.safetensors", net())
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
+    path = write(tmp_path / "f.safetensors", {"w": torch.ones(3)}, {"v": 1}, kind="x")
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("prunekit.fileformat.save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write(path, {"w": torch.zeros(3)}, {"v": 2}, kind="x")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["f.safetensors"]  # no temporary left behind
+
+
+def test_shared_and_strided_tensors_are_stored(tmp_path):
+    base = torch.arange(12.0).reshape(3, 4)
+    tensors = {"a": base, "a_alias": base, "col": base[:, 1], "t": base.t()}
+    path = write(tmp_path / "s.safetensors", tensors, {}, kind="x")
+    out, _ = read(path, kind="x")
+    for k, v in tensors.items():
+        assert torch.equal(out[k], v)
+
+
+def test_custom_criterion_must_be_passed_again(tmp_path):
+    model = net()
+    pruner = prunekit.prune(model, 0.5, criterion=lambda name, w: w.abs() + 1)
+    path = save(model, tmp_path / "c.safetensors", pruner=pruner)
+    with pytest.raises(ValueError, match="custom criterion"):
+        load(path, net())
+    assert load(path, net(), criterion="magnitude").pruner.masks.equal(pruner.masks)
+
+
+def test_missing_optimizer_state(tmp_path):
+    path = save(net(), tmp_path / "m.safetensors")
+    model = net()
+    with pytest.raises(FileFormatError, match="no optimizer state"):
+        load(path, model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_bool_masks_survive_and_file_is_small(tmp_path):
+    model = nn.Linear(1000, 1000, bias=False)
+    pruner = prunekit.prune(model, 0.9)
+    path = save(model, tmp_path / "m.safetensors", pruner=pruner)
+    # 4 MB of fp32 weights + 1 MB of bool masks (+ header)
+    assert os.path.getsize(path) < 5_000_000 + 10_000

@@ -1,0 +1,38 @@
+"""ResultStore: resumable results files that several processes may fill at once."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+
+from prunekit.reproduce.store import ResultStore
+
+
+def _fill(path: str, prefix: str, n: int) -> None:
+    store = ResultStore(path, "grid")
+    for i in range(n):
+        store.put(f"{prefix}/{i}", {"value": i})
+
+
+def test_two_stores_on_one_file_lose_no_key(tmp_path):
+    path = tmp_path / "r.json"
+    a, b = ResultStore(path, "grid"), ResultStore(path, "grid")  # both opened before either wrote
+    a.put("seed0", {"acc": 0.1})
+    b.put("seed1", {"acc": 0.2})
+    a.put("seed0b", {"acc": 0.3})
+    runs = json.loads(path.read_text())["runs"]
+    assert sorted(runs) == ["seed0", "seed0b", "seed1"]
+    assert runs["seed1"]["acc"] == 0.2 and ResultStore(path, "grid").done("seed1")
+
+
+def test_concurrent_processes_lose_no_key(tmp_path):
+    path = str(tmp_path / "r.json")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_fill, args=(path, p, 15)) for p in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    runs = json.loads(open(path).read())["runs"]
+    assert sorted(runs) == sorted(f"{p}/{i}" for p in ("a", "b") for i in range(15))

@@ -1,0 +1,582 @@
+"""Oracles for prunekit.structured: tiny hand-built models whose pruned result is worked out by hand.
+
+Each test builds a model, plans 50% structured pruning and checks the physically pruned model against an explicit
+computation with the kept slices (or against the soft-pruned model, where zeroing is provably the same thing).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunekit.fileformat import FileFormatError
+from prunekit.flops import count_macs
+from prunekit.structured import (
+    Handler,
+    Plan,
+    PlanApplyError,
+    UnsupportedOpError,
+    load,
+    plan,
+    save,
+    trace,
+)
+
+
+def _members(group):
+    return {(m.name, m.dim) for m in group.members}
+
+
+def _group_with(graph, name, dim):
+    return next(g for g in graph.groups if (name, dim) in _members(g))
+
+
+def _keep(p: Plan, name: str, dim: int) -> list[int]:
+    return list(next(s.keep for s in p.slices if s.name == name and s.dim == dim))
+
+
+def _soft_equals_physical(model, x, p, atol=1e-5):
+    phys = p.apply(copy.deepcopy(model))
+    soft = p.apply(copy.deepcopy(model), soft=True)
+    with torch.no_grad():
+        a, b, dense = phys(x), soft(x), model(x)
+    assert torch.allclose(a, b, atol=atol), (a - b).abs().max()
+    assert not torch.allclose(a, dense, atol=1e-3)  # the pruning did change something: the check is not vacuous
+    return phys
+
+
+# --- neurons, channels and the coupling rules ---------------------------------------------------------------------
+
+
+def test_linear_relu_linear_neurons_equal_the_masked_computation():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(5, 6)
+    p = plan(model, x, 0.5, criterion="l1")
+    keep = _keep(p, "0.weight", 0)
+    assert len(keep) == 4 and _keep(p, "0.bias", 0) == keep and _keep(p, "2.weight", 1) == keep
+    w1, b1, w2, b2 = (t.detach().clone() for t in (model[0].weight, model[0].bias, model[2].weight, model[2].bias))
+    # l1 keeps the 4 neurons with the largest |incoming| + |outgoing| weights
+    score = w1.abs().sum(1) + b1.abs() + w2.abs().sum(0)
+    assert sorted(keep) == sorted(score.argsort(descending=True)[:4].tolist())
+    expected = F.relu(x @ w1[keep].T + b1[keep]) @ w2[:, keep].T + b2
+    small = p.apply(model)
+    assert small[0].out_features == 4 and small[2].in_features == 4
+    assert torch.allclose(small(x), expected, atol=1e-6)
+
+
+def test_conv_bn_conv_equals_sliced_functional_computation():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 5, 3)).eval()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2)
+        model[1].weight.normal_()
+    x = torch.randn(2, 3, 9, 9)
+    p = plan(model, x, 0.5)
+    keep = _keep(p, "0.weight", 0)
+    for name in ("0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"):
+        assert _keep(p, name, 0) == keep
+    assert _keep(p, "3.weight", 1) == keep
+    c1, bn, c2 = model[0], model[1], model[3]
+    h = F.conv2d(x, c1.weight[keep], c1.bias[keep])
+    h = F.batch_norm(h, bn.running_mean[keep], bn.running_var[keep], bn.weight[keep], bn.bias[keep], eps=bn.eps)
+    expected = F.conv2d(F.relu(h), c2.weight[:, keep], c2.bias)
+    small = p.apply(copy.deepcopy(model))
+    assert (small[0].out_channels, small[1].num_features, small[3].in_channels) == (4, 4, 4)
+    with torch.no_grad():
+        assert torch.allclose(small(x), expected, atol=1e-5)
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 1)
+        self.b = nn.Conv2d(3, 6, 3, padding=1)
+        self.out = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.a(x) + self.b(x)))
+
+
+def test_residual_addition_couples_both_branches():
+    torch.manual_seed(0)
+    model, x = Residual(), torch.randn(1, 3, 5, 5)
+    graph = trace(model, x)
+    group = _group_with(graph, "a.weight", 0)
+    assert {("a.weight", 0), ("a.bias", 0), ("b.weight", 0), ("b.bias", 0), ("out.weight", 1)} <= _members(group)
+    unit = {m.name: m.unit for m in group.members}
+    assert torch.equal(unit["a.weight"], unit["b.weight"]) and torch.equal(unit["a.weight"], unit["out.weight"])
+    p = plan(model, x, 0.5, graph=graph)
+    assert _keep(p, "a.weight", 0) == _keep(p, "b.weight", 0) == _keep(p, "out.weight", 1)
+    _soft_equals_physical(model, x, p)
+
+
+class Concat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 6, 1)
+        self.c = nn.Conv2d(10, 2, 1)
+
+    def forward(self, x):
+        return self.c(torch.cat([self.a(x), torch.relu(self.b(x))], dim=1))
+
+
+def test_concatenation_keeps_offsets():
+    torch.manual_seed(0)
+    model, x = Concat(), torch.randn(1, 3, 4, 4)
+    p = plan(model, x, 0.5, criterion="random")
+    ka, kb = _keep(p, "a.weight", 0), _keep(p, "b.weight", 0)
+    assert len(ka) + len(kb) == 5 and ka and kb  # one group: both branches share c's input dimension
+    assert _keep(p, "c.weight", 1) == ka + [4 + i for i in kb]
+    _soft_equals_physical(model, x, p)
+
+
+def test_flatten_linear_removes_channel_times_spatial_blocks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 2 * 2, 5))
+    x = torch.randn(1, 3, 4, 4)
+    p = plan(model, x, 0.5)
+    kept = _keep(p, "0.weight", 0)
+    assert _keep(p, "3.weight", 1) == [4 * c + s for c in kept for s in range(4)]
+    small = _soft_equals_physical(model, x, p)
+    assert small[3].in_features == 8
+
+
+def test_depthwise_convolution_prunes_channels_and_shrinks_groups():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 4, 1))
+    x = torch.randn(1, 3, 6, 6)
+    graph = trace(model, x)
+    group = _group_with(graph, "2.weight", 0)
+    assert {("0.weight", 0), ("2.weight", 0), ("4.weight", 1)} <= _members(group) and group.num_units == 8
+    p = plan(model, x, 0.5, graph=graph)
+    small = _soft_equals_physical(model, x, p)
+    assert (small[2].in_channels, small[2].out_channels, small[2].groups) == (4, 4, 4)
+
+
+def test_grouped_convolution_prunes_whole_groups():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=4, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 2, 1))
+    x = torch.randn(1, 3, 6, 6)
+    graph = trace(model, x)
+    group = _group_with(graph, "2.weight", 0)
+    assert (group.num_units, group.unit_width) == (4, 4)  # a unit is one conv group of 4 channels
+    p = plan(model, x, 0.5, graph=graph)
+    keep = _keep(p, "2.weight", 0)
+    assert len(keep) == 8 and all(keep[i] // 4 == keep[i + 1] // 4 for i in (0, 2, 4, 6))
+    small = _soft_equals_physical(model, x, p)
+    assert (small[2].in_channels, small[2].out_channels, small[2].groups) == (8, 8, 2)
+
+
+class Shuffle(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        n, c, h, w = y.shape
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)  # channel shuffle, 2 groups
+        return self.b(torch.relu(y))
+
+
+def test_channel_shuffle_prunes_the_same_index_in_every_group():
+    torch.manual_seed(0)
+    model, x = Shuffle(), torch.randn(1, 3, 4, 4)
+    graph = trace(model, x)
+    group = _group_with(graph, "a.weight", 0)
+    assert group.num_units == 4 and any(r.startswith("uniform split") for r in group.rules)
+    p = plan(model, x, 0.5, graph=graph)
+    keep = _keep(p, "a.weight", 0)
+    inner = [k for k in keep if k < 4]
+    assert keep == inner + [4 + k for k in inner]  # symmetric: channel j and 4 + j go together
+    _soft_equals_physical(model, x, p)
+
+
+class FreeScale(nn.Module):
+    """A learnable per-channel scale that is a bare parameter, not inside any layer module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 1)
+        self.scale = nn.Parameter(torch.linspace(0.5, 2.0, 6))
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)) * self.scale.view(1, -1, 1, 1))
+
+
+def test_parameter_outside_any_layer_is_pruned_with_its_channels():
+    torch.manual_seed(0)
+    model, x = FreeScale(), torch.randn(1, 3, 4, 4)
+    p = plan(model, x, 0.5)
+    assert _keep(p, "scale", 0) == _keep(p, "conv.weight", 0)
+    small = _soft_equals_physical(model, x, p)
+    assert small.scale.shape == (3,)
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.embed.weight  # tied input/output embedding
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mix(self.embed(ids))))
+
+
+def test_tied_weights_are_pruned_once_and_stay_tied():
+    torch.manual_seed(0)
+    model, ids = Tied(), torch.tensor([[1, 4, 7]])
+    p = plan(model, ids, 0.5)
+    assert [s.name for s in p.slices if s.name in ("embed.weight", "head.weight")] == ["embed.weight"]
+    assert _keep(p, "embed.weight", 1) == _keep(p, "mix.weight", 1) == _keep(p, "mix.weight", 0)
+    small = _soft_equals_physical(model, ids, p)
+    assert small.head.weight is small.embed.weight and small.embed.weight.shape == (10, 4)
+    assert small.embed.embedding_dim == 4
+
+
+def test_layernorm_group_matches_its_own_smaller_definition():
+    """Soft pruning cannot match here (LayerNorm normalises over the pruned channels): compare the physically
+    pruned model with the same architecture built at the smaller width."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 12), nn.LayerNorm(12), nn.GELU(), nn.Linear(12, 3))
+    x = torch.randn(4, 5)
+    graph = trace(model, x)
+    assert [g.soft_exact for g in graph.groups] == [False]
+    p = plan(model, x, 0.5, graph=graph)
+    keep = _keep(p, "0.weight", 0)
+    small = p.apply(copy.deepcopy(model))
+    ref = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.GELU(), nn.Linear(6, 3))
+    with torch.no_grad():
+        ref[0].weight.copy_(model[0].weight[keep])
+        ref[0].bias.copy_(model[0].bias[keep])
+        ref[1].weight.copy_(model[1].weight[keep])
+        ref[1].bias.copy_(model[1].bias[keep])
+        ref[3].weight.copy_(model[3].weight[:, keep])
+        ref[3].bias.copy_(model[3].bias)
+        assert small[1].normalized_shape == (6,)
+        assert torch.allclose(small(x), ref(x), atol=1e-6)
+
+
+def test_group_norm_prunes_whole_norm_groups():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(4, 8), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    with torch.no_grad():
+        model[1].weight.normal_()
+    x = torch.randn(1, 3, 5, 5)
+    graph = trace(model, x)
+    assert (graph.groups[0].num_units, graph.groups[0].unit_width) == (4, 2)
+    p = plan(model, x, 0.5, graph=graph)
+    small = _soft_equals_physical(model, x, p)  # whole groups go, so the other groups' statistics are unchanged
+    assert (small[1].num_groups, small[1].num_channels) == (2, 4)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_multihead_attention_loses_whole_heads(batch_first, need_weights):
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+
+        def forward(self, x, pad):
+            return self.attn(x, x, x, key_padding_mask=pad, need_weights=need_weights)[0]
+
+    model = Block().eval()
+    x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    graph = trace(model, (x, pad))
+    heads = _group_with(graph, "attn.out_proj.weight", 1)
+    assert (heads.num_units, heads.unit_width) == (4, 4) and any(r.startswith("heads") for r in heads.rules)
+    p = plan(model, (x, pad), 0.5, graph=graph)
+    assert [(u.name, u.replace) for u in p.modules if u.replace] == [("attn", "prunekit.MultiheadAttention")]
+    phys = p.apply(copy.deepcopy(model))
+    soft = p.apply(copy.deepcopy(model), soft=True)
+    assert (phys.attn.num_heads, phys.attn.embed_dim, phys.attn.in_proj_weight.shape) == (2, 16, (24, 16))
+    with torch.no_grad():
+        assert torch.allclose(phys(x, pad), soft(x, pad), atol=1e-6)
+
+
+class RotaryAttention(nn.Module):
+    """Llama-style attention: rotary position embedding (a float buffer shared by all heads, ``rotate_half`` by
+    slicing and concatenating each head) and grouped-query attention (2 query heads per key/value head)."""
+
+    def __init__(self, width: int = 16, heads: int = 4, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.head_dim = width // heads
+        self.q = nn.Linear(width, heads * self.head_dim, bias=False)
+        self.k = nn.Linear(width, kv_heads * self.head_dim, bias=False)
+        self.v = nn.Linear(width, kv_heads * self.head_dim, bias=False)
+        self.o = nn.Linear(heads * self.head_dim, width, bias=False)
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, self.head_dim, 2) / self.head_dim))
+
+    @staticmethod
+    def rotate_half(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        freqs = torch.arange(t, dtype=torch.float32)[:, None] * self.inv_freq[None, :]  # (T, hs/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        q, k = (z * cos + self.rotate_half(z) * sin for z in (q, k))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, nh, T, hs)
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_rotary_grouped_query_attention_keeps_whole_kv_groups():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), RotaryAttention())
+    x = torch.randn(1, 6, 8)
+    graph = trace(model, x)
+    heads = _group_with(graph, "1.o.weight", 1)
+    # a unit is one key/value head with its 2 query heads: 8 query rows, 4 key rows, 4 value rows, 8 output columns
+    assert (heads.num_units, heads.unit_width) == (2, 4) and any(r.startswith("heads") for r in heads.rules)
+    assert ("1.inv_freq", 0) not in {(m.name, m.dim) for g in graph.groups for m in g.members}  # along head dims
+    p = plan(model, x, lambda g: 0.5 if g is heads else 0.0, graph=graph)
+    small = _soft_equals_physical(model, x, p)
+    assert (small[1].q.out_features, small[1].k.out_features) == (8, 4)
+
+
+def test_round_to_and_min_channels():
+    model = nn.Sequential(nn.Linear(4, 30), nn.ReLU(), nn.Linear(30, 2))
+    x = torch.randn(1, 4)
+    assert len(_keep(plan(model, x, 0.5, round_to=8), "0.weight", 0)) == 16  # 15 rounded to a multiple of 8
+    assert len(_keep(plan(model, x, 0.9, min_channels=6), "0.weight", 0)) == 6
+
+
+class TwoBranchNorm(nn.Module):
+    """A group spanning two layers (as a DenseNet block): one BatchNorm over the concatenation of both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 2, 1)
+        self.b = nn.Conv2d(3, 6, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.c(self.bn(torch.cat([self.a(x), self.b(x)], dim=1)))
+
+
+def test_no_layer_loses_all_of_its_channels():
+    torch.manual_seed(0)
+    model, x = TwoBranchNorm().eval(), torch.randn(1, 3, 4, 4)
+    with torch.no_grad():
+        model.a.weight.mul_(1e-3)  # branch a's two channels score lowest
+    graph = trace(model, x)
+    assert len(graph.groups) == 1
+    p = plan(model, x, 0.5, graph=graph)
+    assert len(_keep(p, "a.weight", 0)) == 1 and len(_keep(p, "b.weight", 0)) == 3
+    p.apply(model)
+
+
+# --- zero pruning, serialisation, replay ------------------------------------------------------------------------
+
+
+def test_zero_sparsity_is_output_identical():
+    torch.manual_seed(0)
+    model, x = Residual(), torch.randn(1, 3, 5, 5)
+    before = model(x)
+    p = plan(model, x, 0.0)
+    assert p.slices == [] and p.modules == [] and p.macs[0] == p.macs[1]
+    assert torch.equal(p.apply(model)(x), before)
+
+
+def test_plan_json_round_trip_and_replay_on_a_fresh_instance(tmp_path):
+    def make():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=4),
+                             nn.ReLU(), nn.Flatten(), nn.Linear(8 * 2 * 2, 4)).eval()
+
+    model, x = make(), torch.randn(2, 3, 6, 6)
+    p = plan(model, x, 0.5)
+    text = p.to_json()
+    again = Plan.from_json(text)
+    assert again.slices == p.slices and again.modules == p.modules and again.groups == p.groups
+    assert again.macs == p.macs and again.to_json() == text
+    small = p.apply(copy.deepcopy(model))
+    fresh = make()
+    fresh.load_state_dict(model.state_dict())
+    replayed = again.apply(fresh, example_inputs=x)
+    with torch.no_grad():
+        assert torch.equal(replayed(x), small(x))
+    # stored without pickle: weights + plan in prunekit's file format, loaded into a fresh instance
+    path = save(small, tmp_path / "small.safetensors", p)
+    loaded = load(path, make(), example_inputs=x)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small(x))
+    assert count_macs(loaded, x).total == p.macs[1]
+
+
+def test_applying_twice_or_to_another_model_is_refused(tmp_path):
+    model, x = Residual(), torch.randn(1, 3, 5, 5)
+    p = plan(model, x, 0.5)
+    p.apply(model)
+    with pytest.raises(PlanApplyError, match="already applied"):
+        p.apply(model)
+    with pytest.raises(PlanApplyError, match="does not have"):
+        p.apply(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="not a prunekit structured plan"):
+        Plan.from_dict({"format": "other"})
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(FileFormatError):
+        load(tmp_path / "junk.safetensors", Residual())
+
+
+def test_masks_match_soft_pruning():
+    torch.manual_seed(0)
+    model, x = Residual(), torch.randn(1, 3, 5, 5)
+    p = plan(model, x, 0.5)
+    masks = p.masks(model)
+    soft = p.apply(copy.deepcopy(model), soft=True)
+    for name, param in soft.named_parameters():
+        if name in masks:
+            assert torch.equal(param != 0, masks[name] & (dict(model.named_parameters())[name] != 0))
+
+
+# --- errors, leaves, handlers ------------------------------------------------------------------------------------
+
+
+class Spectral(nn.Module):
+    def forward(self, x):
+        return torch.fft.rfft(x, dim=1).abs()[:, : x.shape[1]]
+
+
+class WithSpectral(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.spectral = Spectral()
+        self.head = nn.Conv2d(5, 2, 1)
+        self.side = nn.Linear(4, 6)
+        self.side_out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.spectral(self.conv(x))), self.side_out(self.side(x.mean((1, 2))))
+
+
+def test_an_operation_it_cannot_follow_is_a_clear_error_and_leaves_fix_it():
+    model, x = WithSpectral(), torch.randn(1, 3, 4, 4)
+    with pytest.raises(UnsupportedOpError) as info:
+        trace(model, x)
+    message = str(info.value)
+    for part in ("aten._fft_r2c", "'spectral'", "(Spectral)", "conv.weight dim 0", "leaves=['spectral']",
+                 "register_handler(Spectral"):
+        assert part in message, (part, message)
+    graph = trace(model, x, leaves=["spectral"])
+    assert [sorted(_members(g)) for g in graph.groups] == [[("side.bias", 0), ("side.weight", 0),
+                                                            ("side_out.weight", 1)]]
+    assert len(trace(model, x, leaves=[Spectral]).groups) == 1
+    assert ("conv.weight", 0) in graph.frozen
+
+
+def test_ignore_freezes_a_module_and_its_coupled_channels():
+    model, x = Residual(), torch.randn(1, 3, 5, 5)
+    assert trace(model, x, ignore=["b"]).groups == []
+    with pytest.raises(ValueError, match="matches no module"):
+        trace(model, x, ignore=["nope"])
+    with pytest.raises(TypeError, match="module names"):
+        trace(model, x, leaves=[3])
+
+
+class Gain(nn.Module):
+    """Keeps its width in an attribute that its forward uses."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+        self.gain = nn.Parameter(torch.linspace(0.1, 1.0, width))
+
+    def forward(self, x):
+        return x * self.gain.view(1, self.width)
+
+
+class GainHandler(Handler):
+    def attributes(self, module, sizes):
+        return {"width": sizes.shape("gain")[0]}
+
+
+def test_a_module_with_a_size_attribute_needs_a_handler():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), Gain(6), nn.Linear(6, 2))
+    x = torch.randn(2, 3)
+    with pytest.raises(PlanApplyError, match=r"module '1' \(Gain\)") as info:
+        plan(model, x, 0.5)
+    assert "register a handler" in str(info.value)
+    assert model[1].gain.shape == (6,)  # rolled back: the model is unchanged
+    p = plan(model, x, 0.5, handlers={Gain: GainHandler()})
+    assert p.modules[1].set == {"width": 3}
+    small = _soft_equals_physical(model, x, p)
+    assert small[1].width == 3
+
+
+class HeadsByAttribute(nn.Module):
+    """Reshapes into heads with an attribute: after head pruning the shapes still fit, but the heads are scrambled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads = 4
+        self.qkv = nn.Linear(8, 3 * 16)
+        self.out = nn.Linear(16, 8)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split(self.qkv.out_features // 3, dim=-1)
+        q, k, v = (z.view(b, t, self.num_heads, -1).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_silently_wrong_shapes_are_caught():
+    model, x = HeadsByAttribute(), torch.randn(1, 5, 8)
+    graph = trace(model, x)
+    assert any(any(r.startswith("heads") for r in g.rules) for g in graph.groups)
+    with pytest.raises(PlanApplyError, match="silently mixed up"):
+        plan(model, x, 0.5, graph=graph)
+
+
+def test_bad_arguments_are_rejected():
+    model, x = Residual(), torch.randn(1, 3, 5, 5)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        plan(model, x, 1.0)
+    with pytest.raises(ValueError, match="unknown structured criterion 'tailor'"):
+        plan(model, x, 0.5, criterion="tailor")
+    with pytest.raises(ValueError, match="one score per unit"):
+        plan(model, x, 0.5, criterion=lambda group, tensors: torch.zeros(1))
+    with pytest.raises(ValueError, match="round_to"):
+        plan(model, x, 0.5, round_to=0)
+    with pytest.raises(TypeError, match="Module"):
+        trace("model", x)
+
+
+def test_a_callable_criterion_decides():
+    model, x = Residual(), torch.randn(1, 3, 5, 5)
+    p = plan(model, x, 0.5, criterion=lambda group, tensors: torch.arange(group.num_units, dtype=torch.float32))
+    assert _keep(p, "a.weight", 0) == [3, 4, 5]  # lowest scores (first units) go
+
+
+def test_summary_is_readable():
+    model, x = Concat(), torch.randn(1, 3, 4, 4)
+    graph = trace(model, x)
+    text = str(graph)
+    assert "1 group," in text and "a, b, c" in text
+    p = plan(model, x, 0.5, graph=graph)
+    text = str(p)
+    assert "MACs" in text and "x fewer" in text and "5 of 10 units" in text

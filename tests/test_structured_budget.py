@@ -1,0 +1,120 @@
+"""Budgets for structured pruning: the analytic cost model against the MAC counter, MAC/parameter budgets met within
+rounding, bounds per group, cheap planning in loops (verify=False), and a measured-latency target."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit.flops import count_macs, count_params
+from prunekit.structured import CostModel, LatencyTarget, plan, trace
+from prunekit.structured.budget import greedy
+
+
+class Net(nn.Module):
+    """Stem, a residual pair, a depthwise conv, a grouped conv, flatten -> linear: every cost rule of the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.a = nn.Conv2d(16, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 1)
+        self.expand = nn.Conv2d(16, 32, 1)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.grouped = nn.Conv2d(32, 32, 3, padding=1, groups=4)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * 4 * 4, 24), nn.ReLU(), nn.Linear(24, 5))
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.b(torch.relu(self.a(x))))
+        x = torch.relu(self.dw(torch.relu(self.expand(x))))
+        x = nn.functional.adaptive_avg_pool2d(torch.relu(self.grouped(x)), 4)
+        return self.head(x)
+
+
+X = torch.randn(1, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def test_cost_model_predicts_the_counted_macs_and_parameters_exactly():
+    model = _model()
+    graph = trace(model, X)
+    cost = CostModel(model, graph)
+    assert (cost.macs(), cost.params()) == (count_macs(model, X).total, count_params(model))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        p = plan(model, X, lambda g: float(torch.rand(1, generator=gen)) * 0.8, criterion="random", graph=graph)
+        pruned = {}
+        for g in graph.groups:
+            mask = torch.zeros(g.num_units, dtype=torch.bool)
+            for m in g.members:
+                keep = next((s.keep for s in p.slices if (s.name, s.dim) == (m.name, m.dim)), None)
+                if keep is not None:
+                    gone = torch.ones(m.unit.numel(), dtype=torch.bool)
+                    gone[list(keep)] = False
+                    mask[m.unit[gone & (m.unit >= 0)]] = True
+            pruned[g.index] = mask
+        assert (cost.macs(pruned), cost.params(pruned)) == (p.macs[1], p.params[1])
+
+
+@pytest.mark.parametrize("fraction", [0.7, 0.5, 0.3])
+def test_a_mac_budget_is_met_within_rounding(fraction):
+    model = _model()
+    graph = trace(model, X)
+    dense = count_macs(model, X).total
+    p = plan(model, X, macs=fraction, round_to=4, criterion="l1", graph=graph)
+    assert p.macs[1] <= fraction * dense  # counted by the MAC counter on the pruned model
+    # within rounding: one step fewer would exceed the budget
+    cost = CostModel(model, graph)
+    scores = {g.index: torch.rand(g.num_units) for g in graph.groups}
+    pruned, steps = greedy(graph, cost, scores, which="macs", target=fraction * dense, round_to=4)
+    assert steps[-1].cost <= fraction * dense < (steps[-2].cost if len(steps) > 1 else dense)
+    for g, s in zip(graph.groups, p.groups):  # channel counts stay multiples of round_to
+        assert s.pruned == 0 or (g.fixed + (g.num_units - s.pruned) * g.unit_width) % 4 == 0
+
+
+def test_parameter_budgets_absolute_counts_and_group_bounds():
+    model = _model()
+    graph = trace(model, X)
+    params = count_params(model)
+    p = plan(model, X, params=params // 2, graph=graph)
+    assert p.params[1] <= params // 2
+    capped = plan(model, X, macs=0.2, max_sparsity=0.5, min_channels=4, graph=graph)
+    for g in capped.groups:
+        assert g.pruned <= 0.5 * g.units and (g.units - g.pruned) * g.unit_width >= 4
+    assert any("cannot be met" in n for n in capped.notes)  # 0.2 is out of reach with those bounds
+    with pytest.raises(ValueError, match="not both"):
+        plan(model, X, 0.5, macs=0.5, graph=graph)
+    with pytest.raises(ValueError, match="one budget"):
+        plan(model, X, macs=0.5, params=0.5, graph=graph)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        plan(model, X, macs=1.5, graph=graph)
+    with pytest.raises(TypeError, match="fraction"):
+        plan(model, X, macs=True, graph=graph)
+
+
+def test_verify_false_skips_the_check_run_and_predicts_the_counts():
+    model = _model()
+    graph = trace(model, X)
+    checked = plan(model, X, macs=0.5, graph=graph)
+    cheap = plan(model, X, macs=0.5, graph=graph, verify=False)
+    assert checked.verified and not cheap.verified and "not verified" in str(cheap)
+    assert cheap.slices == checked.slices and cheap.macs == checked.macs and cheap.params == checked.params
+
+
+def test_latency_target_cuts_the_ranking_where_measured_latency_meets_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 8))
+    x = torch.randn(64, 256)
+    target = LatencyTarget(fraction=0.7, repeats=5, warmup=1)
+    p = plan(model, x, latency=target)
+    note = next(n for n in p.notes if "latency" in n)
+    assert "measured" in note or "not reached" in note
+    assert p.macs[1] < p.macs[0]
+    with pytest.raises(ValueError, match="time"):
+        plan(model, x, latency="fast")
