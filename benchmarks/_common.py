@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from prunekit.fileformat import json_text
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 REPO = HERE.parent
@@ -129,7 +131,7 @@ def write_json(name: str, data: dict[str, Any], quick: bool) -> Path:
         data["meta"]["loadavg_end"] = list(os.getloadavg())
     path = RESULTS / f"{name}{'_quick' if quick else ''}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    tmp.write_text(json_text(data, indent=1, default=str))
     tmp.replace(path)
     return path
 

@@ -138,6 +138,28 @@ def test_deepcopy_state_dict_strict_and_fresh_instance():
     assert p2.masks.equal(pruner.masks) and p2.model is not pruner.model
 
 
+def test_re_zeroing_follows_new_storage_and_copies():
+    """apply() caches pointers for its native call: new storage (param.data = ..., a deep copy) must be re-zeroed."""
+    model = mlp()
+    pruner = prunekit.prune(model, sparsity=0.7)
+    weight, mask = model[0].weight, pruner.masks["0.weight"]
+    pruner.apply()  # builds the cached call
+    weight.data = torch.ones_like(weight)  # new storage behind the same Parameter
+    pruner.apply()
+    assert torch.equal(weight.detach() != 0, mask)
+    p2 = copy.deepcopy(pruner)
+    with torch.no_grad():
+        for w in p2.params.values():
+            w.fill_(1.0)
+    p2.apply()
+    assert all(torch.equal(w.detach() != 0, p2.masks[n]) for n, w in p2.params.items())
+    assert torch.equal(weight.detach() != 0, mask)  # the original is untouched by the copy's re-zeroing
+    with torch.no_grad():
+        weight.fill_(2.0)
+    pruner.apply()  # the original's cached call still targets its own tensors
+    assert torch.equal(weight.detach() != 0, mask)
+
+
 def test_torch_compile_sees_in_place_pruning():
     model = mlp()
     compiled = torch.compile(model, backend="aot_eager")

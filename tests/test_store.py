@@ -36,3 +36,15 @@ def test_concurrent_processes_lose_no_key(tmp_path):
         assert p.exitcode == 0
     runs = json.loads(open(path).read())["runs"]
     assert sorted(runs) == sorted(f"{p}/{i}" for p in ("a", "b") for i in range(15))
+
+
+def _reject(constant: str) -> None:
+    raise ValueError(f"non-standard JSON constant {constant}")
+
+
+def test_non_finite_numbers_are_written_as_null(tmp_path):
+    """A diverged run (loss NaN) must not make the results file invalid JSON for strict readers."""
+    path = tmp_path / "r.json"
+    ResultStore(path, "grid").put("diverged", {"loss": float("nan"), "curve": [1.0, float("inf"), -float("inf")]})
+    runs = json.loads(path.read_text(), parse_constant=_reject)["runs"]
+    assert runs["diverged"]["loss"] is None and runs["diverged"]["curve"] == [1.0, None, None]

@@ -33,7 +33,7 @@ from prunekit.config import (
 )
 from prunekit.data.fetch import FetchError
 from prunekit.data.vision import DATASETS, load_dataset
-from prunekit.fileformat import FileFormatError, write_text
+from prunekit.fileformat import FileFormatError, json_text, write_text
 from prunekit.models import MODELS, get_model
 from prunekit.pruner import Pruner
 from prunekit.report import report
@@ -50,7 +50,7 @@ def _say(msg: str) -> None:
 
 
 def _write_json(path: Path, doc: Any) -> None:
-    write_text(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    write_text(path, json_text(doc, indent=2, sort_keys=True))
 
 
 def _write_report(model: nn.Module, pruner: Pruner | None, out: Path) -> str:

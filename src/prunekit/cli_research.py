@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from prunekit.checkpoint import load_weights, save
 from prunekit.data import DATASETS
-from prunekit.fileformat import write_text
+from prunekit.fileformat import json_text, write_text
 from prunekit.models import MODELS, get_model
 from prunekit.reproduce import EXPERIMENTS, run
 from prunekit.reproduce.common import data_splits
@@ -48,7 +47,7 @@ def _search(args: argparse.Namespace) -> int:
         max_drop=args.max_drop, high=args.high, tolerance=args.tolerance, allocation=args.allocation,
     )
     doc = {**result.to_dict(), "test_accuracy": evaluate(model, test).accuracy}
-    write_text(out / "search.json", json.dumps(doc, indent=2) + "\n")
+    write_text(out / "search.json", json_text(doc, indent=2))
     save(model, out / "model.safetensors", extra={"search": result.to_dict()})
     for t in result.trials:
         print(f"  sparsity {t.sparsity:.2%}: validation {t.metric:.2%} {'ok' if t.passed else 'too low'}")

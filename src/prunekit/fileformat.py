@@ -97,6 +97,28 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by ``None``, so ``json.dumps(..., allow_nan=False)`` writes
+    standard JSON (``NaN``/``Infinity`` are not JSON and many readers reject them). Tuples become lists.
+
+    Examples:
+        >>> strict_json({"loss": float("nan"), "acc": [0.9, float("inf")]})
+        {'loss': None, 'acc': [0.9, None]}
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, **kwargs: Any) -> str:
+    """Standard JSON text of ``obj`` plus a newline (non-finite floats written as ``null``, see :func:`strict_json`)."""
+    return json.dumps(strict_json(obj), allow_nan=False, **kwargs) + "\n"
+
+
 def _checksum(tensors: Mapping[str, torch.Tensor], meta_json: str) -> str:
     h = hashlib.sha256()
     h.update(meta_json.encode())

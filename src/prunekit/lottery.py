@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.fileformat import read, write, write_text
+from prunekit.fileformat import json_text, read, write, write_text
 from prunekit.masks import Mask
 from prunekit.pruner import Pruner, unwrap
 from prunekit.schedules import Manual
@@ -325,7 +325,7 @@ class _Store:
         summary = self.dir / "levels.json"  # human-readable copy of every finished level's metrics
         levels = json.loads(summary.read_text()) if summary.exists() else []
         levels = [lv for lv in levels if lv["level"] < level] + [asdict(result)]
-        write_text(summary, json.dumps(levels, indent=2, sort_keys=True) + "\n")
+        write_text(summary, json_text(levels, indent=2, sort_keys=True))
 
     def load_rewind(self) -> dict[str, torch.Tensor] | None:
         if self.dir is None or not (self.dir / "rewind.safetensors").exists():

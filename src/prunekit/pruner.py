@@ -9,6 +9,8 @@ prunekit checkpoints (:mod:`prunekit.checkpoint`).
 
 from __future__ import annotations
 
+import ctypes
+
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -106,6 +108,7 @@ class Pruner:
         self._active = False  # True once a mask has pruned something: only then is there anything to re-zero
         self._param_list = list(self.params.values())
         self._mask_list = list(self.masks.values())
+        self._batch: _NativeBatch | None = None  # re-zeroing call prepared for the current tensors (built on demand)
 
     # ---------------------------------------------------------------------------------------------------------------
     @property
@@ -140,7 +143,20 @@ class Pruner:
     @torch.no_grad()
     def apply(self) -> None:
         """Zero the pruned weights in place (one multiply per masked tensor, no allocation)."""
-        if self._active:
+        if not self._active:
+            return
+        batch = self._batch
+        if batch is not None:  # the common case on CPU: one native call for every tensor (see _NativeBatch)
+            ptrs = [t.data_ptr() for t in self._param_list]
+            if ptrs == batch.ptrs and [m.data_ptr() for m in self._mask_list] == batch.mask_ptrs:
+                batch.run()
+                increment_version(self._param_list)
+                return
+        self._batch = _NativeBatch.build(self._param_list, self._mask_list)
+        if self._batch is not None:
+            self._batch.run()
+            increment_version(self._param_list)
+        else:
             _mask_in_place(self._param_list, self._mask_list)
 
     @torch.no_grad()
@@ -215,6 +231,7 @@ class Pruner:
         self.masks = Mask()
         self.params = {}
         self._param_list, self._mask_list = [], []
+        self._batch = None
         self._active = False
         return self.model
 
@@ -296,6 +313,41 @@ def _native_library() -> Any:
 
         _NATIVE = _native.library(warn=False) or False
     return _NATIVE
+
+
+class _NativeBatch:
+    """Pointers of the masked tensors, ready for one ``mask_many_f32`` call per training step.
+
+    Valid while every weight and mask keeps its storage (``Pruner.apply`` compares the data pointers on every call and
+    rebuilds it otherwise, e.g. after ``param.data = ...`` or ``model.to(...)``). Only built when every tensor is a
+    contiguous float32 CPU tensor with a bool mask of its size and the native library is available.
+    """
+
+    __slots__ = ("_args", "_fn", "mask_ptrs", "ptrs")
+
+    def __init__(self, fn: Any, ptrs: list[int], mask_ptrs: list[int], numels: list[int]) -> None:
+        n = len(ptrs)
+        self._fn = fn
+        self.ptrs, self.mask_ptrs = ptrs, mask_ptrs
+        self._args = ((ctypes.c_void_p * n)(*ptrs), (ctypes.c_void_p * n)(*mask_ptrs), (ctypes.c_int64 * n)(*numels), n)
+
+    @classmethod
+    def build(cls, tensors: list[torch.Tensor], masks: list[torch.Tensor]) -> _NativeBatch | None:
+        lib = _native_library()
+        if not lib or not tensors:
+            return None
+        for t, m in zip(tensors, masks):
+            if not (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and m.is_contiguous()
+                    and m.dtype == torch.bool and m.device.type == "cpu" and m.numel() == t.numel()):
+                return None
+        return cls(lib.mask_many_f32, [t.data_ptr() for t in tensors], [m.data_ptr() for m in masks],
+                   [t.numel() for t in tensors])
+
+    def run(self) -> None:
+        self._fn(*self._args)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        return None  # a copy's tensors live elsewhere: the copied Pruner rebuilds its batch on first use
 
 
 def _mask_in_place(tensors: list[torch.Tensor], masks: list[torch.Tensor]) -> None:

@@ -10,7 +10,6 @@ weights, the tokenizer), ``masks.safetensors`` (the boolean keep-masks, a prunek
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -91,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
     from prunekit.calibration import find_blocks
     from prunekit.data.llm import load_causal_lm, smollm2
     from prunekit.data.text import NOVELS, austen, calibration_windows, eval_windows
-    from prunekit.fileformat import write, write_text
+    from prunekit.fileformat import json_text, write, write_text
     from prunekit.targets import check_sparsity
 
     if args.n_calibration < 1 or args.seq_len < 2:
@@ -149,6 +148,6 @@ def _run(args: argparse.Namespace) -> int:
     rep = prunekit.report(model, masks)
     write_text(out / "report.txt", str(rep) + "\n")
     rep.to_json(out / "report.json")
-    write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_text(out / "metrics.json", json_text(metrics, indent=2, sort_keys=True))
     _say(f"files: {out}/ (model/, masks.safetensors, report.txt, report.json, metrics.json)")
     return 0

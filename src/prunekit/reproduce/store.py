@@ -18,7 +18,7 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-from prunekit.fileformat import write_text
+from prunekit.fileformat import json_text, write_text
 
 __all__ = ["ResultStore", "command_line", "environment"]
 
@@ -99,4 +99,4 @@ class ResultStore:
                 for cmd in on_disk.get("commands", []):
                     if cmd not in self.doc["commands"]:
                         self.doc["commands"].append(cmd)
-            write_text(self.path, json.dumps(self.doc, indent=1) + "\n")
+            write_text(self.path, json_text(self.doc, indent=1))

@@ -286,6 +286,10 @@ void pk_mask_f32(float* __restrict w, const uint8_t* __restrict m, int64_t n) {
 void pk_mask_f64(double* __restrict w, const uint8_t* __restrict m, int64_t n) {
   for (int64_t i = 0; i < n; ++i) w[i] = m[i] ? w[i] : 0.0;
 }
+// pk_mask_f32 over `count` tensors in one call (one ctypes crossing per training step instead of one per tensor).
+void pk_mask_many_f32(float* const* w, const uint8_t* const* m, const int64_t* n, int64_t count) {
+  for (int64_t t = 0; t < count; ++t) pk_mask_f32(w[t], m[t], n[t]);
+}
 
 }  // extern "C"
 """
@@ -353,6 +357,12 @@ class NativeLibrary:
         self.mask_f32 = self._dll.pk_mask_f32
         #: the same for float64 weights
         self.mask_f64 = self._dll.pk_mask_f64
+        fn = self._dll.pk_mask_many_f32
+        fn.argtypes = [ptr, ptr, ptr, i64]
+        fn.restype = None
+        #: ``mask_many_f32(weight_ptrs, mask_ptrs, numels, count)``: :attr:`mask_f32` over ``count`` tensors (arrays of
+        #: ``void*``, ``void*`` and ``int64``)
+        self.mask_many_f32 = fn
         self._dll.pk_isa.restype = ctypes.c_int
         self.isa = ISA_NAMES.get(int(self._dll.pk_isa()), "unknown")
 

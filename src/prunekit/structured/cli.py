@@ -30,7 +30,7 @@ from prunekit.checkpoint import load_weights
 from prunekit.checkpoint import save as save_checkpoint
 from prunekit.config import PruneConfig, build_schedule, config_hash, from_arguments
 from prunekit.data.vision import load_dataset
-from prunekit.fileformat import write_text
+from prunekit.fileformat import json_text, write_text
 from prunekit.models import get_model
 from prunekit.structured.blocks import drop_blocks
 from prunekit.structured.criteria import criterion_names
@@ -78,7 +78,7 @@ def _say(msg: str) -> None:
 
 
 def _write_json(path: Path, doc: Any) -> None:
-    write_text(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    write_text(path, json_text(doc, indent=2, sort_keys=True))
 
 
 def run(args: argparse.Namespace) -> int:

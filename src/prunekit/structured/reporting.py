@@ -25,7 +25,6 @@ Examples:
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -37,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
-from prunekit.fileformat import atomic_write
+from prunekit.fileformat import atomic_write, json_text
 from prunekit.flops import _split_inputs, count_macs, count_params
 from prunekit.structured.latency import Latency, measure_latency
 
@@ -93,7 +92,7 @@ class StructuredReport:
 
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
         """The report as JSON text, also written to ``path`` (atomically) if given."""
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        text = json_text(self.to_dict(), indent=2)
         if path is not None:
             atomic_write(path, lambda f: f.write(text.encode()))
         return text
