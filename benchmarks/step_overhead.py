@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: few steps, no profiling")
     ap.add_argument("--models", nargs="+", default=["lenet300", "resnet18", "transformer"])
     ap.add_argument("--steps", type=int, nargs="+", default=None,
-                    help="measured steps per model (one value, or one per model); default 400/80/60, quick 60/30/30")
+                    help="measured steps per model (one value, or one per model); default 1000/200/60, quick 60/20/10")
     ap.add_argument("--warmup", type=int, default=None,
                     help="un-timed steps first, a multiple of 10 (default 20, quick 10)")
     ap.add_argument("--prototype", action=argparse.BooleanOptionalAction, default=False,
@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     setup_torch(args.threads)
-    default_steps = {"lenet300": 400, "resnet18": 80, "transformer": 60}
+    default_steps = {"lenet300": 1000, "resnet18": 200, "transformer": 60}
     quick_steps = {"lenet300": 60, "resnet18": 20, "transformer": 10}
     if args.steps is None:
         steps = {m: (quick_steps if args.quick else default_steps)[m] for m in args.models}

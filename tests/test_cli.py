@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from prunekit import cli
 from prunekit.cli import main
 
 pytestmark = pytest.mark.slow
@@ -119,3 +120,13 @@ def test_report_needs_model_without_config(tmp_path, capsys):
     save(nn.Linear(2, 2), tmp_path / "c.safetensors")
     assert main(["report", str(tmp_path / "c.safetensors")]) == 2
     assert "pass --model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "lr"), [(["--model", "lenet5", "--data", "mnist"], 0.05), (["--model", "lenet300", "--data", "mnist"], 0.1),
+                                          (["--model", "lenet5", "--data", "mnist", "--lr", "0.02"], 0.02)])
+def test_learning_rate_default_depends_on_the_model(monkeypatch, tmp_path, argv, lr):
+    """LeNet-5 diverges at the generic 0.1; an explicit --lr always wins."""
+    seen = {}
+    monkeypatch.setattr(cli, "_run", lambda doc, tcfg, *a, **k: seen.update(lr=tcfg.lr, doc=doc))
+    assert cli.main(["prune", *argv, "--out", str(tmp_path / "r")]) == 0
+    assert seen["lr"] == lr and seen["doc"]["train"]["lr"] == lr

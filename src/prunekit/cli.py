@@ -66,7 +66,22 @@ def _write_report(model: nn.Module, pruner: Pruner | None, out: Path) -> str:
 # prunekit prune
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none (or the help text already states it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+#: Default peak learning rates where TrainConfig's (0.1) is too high: LeNet-5 diverges at 0.1 with this recipe.
+MODEL_LR = {"lenet5": 0.05}
+
+
 def _prune(args: argparse.Namespace) -> int:
+    if getattr(args, "lr", 0.0) is None:
+        args.lr = MODEL_LR.get(args.model, TrainConfig.lr)
     if getattr(args, "structured", False):  # prunekit prune --structured: prunekit.structured.cli
         from prunekit.structured.cli import run as run_structured
 
@@ -241,7 +256,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     prune = sub.add_parser("prune", help="train and prune a model on a data set; resumable run directory",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_HelpFormatter)
     prune.add_argument("--model", required=True, choices=sorted(MODELS), help="architecture")
     prune.add_argument("--width", type=float, default=1.0, help="width multiplier of the architecture")
     prune.add_argument("--data", required=True, choices=sorted(DATASETS), help="data set")
@@ -254,6 +269,10 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--quiet", action="store_true", help="no progress output")
     add_arguments(prune, PruneConfig)
     add_arguments(prune, TrainConfig)
+    lr_flag = next(a for a in prune._actions if a.dest == "lr")
+    lr_flag.default = None  # resolved per model in _prune (MODEL_LR)
+    lr_flag.help = (f"peak learning rate of the one-cycle schedule (default: {TrainConfig.lr}; "
+                    + ", ".join(f"{v} for {k}" for k, v in MODEL_LR.items()) + ")")
     from prunekit.structured.cli import add_arguments as add_structured_arguments
 
     add_structured_arguments(prune)  # --structured and its options

@@ -103,7 +103,9 @@ T = TypeVar("T")
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    """Add one ``--flag`` per dataclass field, help and choices taken from the field metadata."""
+    """Add one ``--flag`` per dataclass field, help and choices taken from the field metadata.
+
+    The defaults are shown by the parser's ``argparse.ArgumentDefaultsHelpFormatter``."""
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + prefix + f.name.replace("_", "-")
@@ -114,8 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") 
             parser.add_argument(flag, dest=prefix + f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
             continue
-        kwargs: dict[str, Any] = {"dest": prefix + f.name, "default": default,
-                                  "help": f"{help_text} (default: {default})"}
+        kwargs: dict[str, Any] = {"dest": prefix + f.name, "default": default, "help": help_text}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if f.metadata.get("nargs"):
