@@ -117,6 +117,20 @@ def test_kth_smallest_bracket_path_matches_kthvalue(monkeypatch):
         assert below == int((flat < expect).sum())
 
 
+def test_kth_smallest_with_mostly_pruned_entries(monkeypatch):
+    """Late in a gradual schedule most scores are -inf (pruned before) and k sits just past them."""
+    monkeypatch.setattr(sel, "_SAMPLE", 256)
+    g = torch.Generator().manual_seed(2)
+    parts = [torch.cat([torch.full((4000,), -math.inf), torch.rand(600, generator=g)]),
+             torch.cat([torch.rand(400, generator=g), torch.full((5000,), -math.inf)])]
+    flat = torch.cat(parts)
+    for k in [1, 8999, 9000, 9001, 9005, 9100, 10_000]:
+        value, below = sel._kth_smallest(parts, k)
+        expect = torch.kthvalue(flat, k).values
+        assert value == float(expect)
+        assert below == int((flat < expect).sum())
+
+
 def test_kth_smallest_fallback_when_bracket_misses(monkeypatch):
     monkeypatch.setattr(sel, "_SAMPLE", 8)
     # a sample of 8 cannot bracket a quantile in data built to fool it; the exact fallback must answer

@@ -72,10 +72,14 @@ def _kth_smallest(scores: list[torch.Tensor] | list[np.ndarray], k: int) -> tupl
     n_lo = 0
     inside = []
     for a in arrays:
-        below = a < lo
+        # -inf marks entries pruned earlier (monotone masks): late in a gradual schedule they are most of the values
+        # and the bracket's lower end is -inf; counting them apart keeps them out of the partial sort
+        below = a < lo if lo > -math.inf else np.isneginf(a)
         n_lo += int(np.count_nonzero(below))
         inside.append(a[(a <= hi) & ~below])
     candidates = np.concatenate(inside)
+    if lo == -math.inf and k <= n_lo:  # the k-th smallest is -inf itself
+        return -math.inf, 0
     if not n_lo < k <= n_lo + candidates.size:  # bracket missed: exact fallback
         flat = np.concatenate(arrays)
         value = exact(flat, k)
