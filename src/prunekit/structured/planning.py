@@ -266,16 +266,48 @@ def _count(group: Group, sparsity: float, round_to: int, min_channels: int) -> i
     return k
 
 
+def _segments(counts: torch.Tensor) -> list[torch.Tensor]:
+    """Units grouped by the set of members they appear in (one segment per producer of a concatenation, e.g. each
+    DenseNet layer's growth channels); a plain group is a single segment."""
+    present = (counts > 0).T  # (units, members)
+    if present.shape[0] == 0 or bool((present == present[:1]).all()):
+        return [torch.arange(present.shape[0])]
+    _, inverse = torch.unique(present, dim=0, return_inverse=True)
+    return [torch.nonzero(inverse == s).squeeze(1) for s in torch.unique(inverse)]
+
+
+def _even_split(sizes: list[int], k: int) -> list[int]:
+    """``k`` split over segments in proportion to their sizes (largest remainder; ties to the earlier segment)."""
+    n = sum(sizes)
+    exact = [k * s / n for s in sizes]
+    out = [math.floor(e) for e in exact]
+    for i in sorted(range(len(sizes)), key=lambda i: (-(exact[i] - out[i]), i))[: k - sum(out)]:
+        out[i] += 1
+    return out
+
+
 def _select(group: Group, scores: torch.Tensor, k: int, min_channels: int) -> torch.Tensor:
     """Prune the ``k`` lowest-scoring units, skipping any unit whose removal would leave a member tensor dimension
     with fewer than ``min_channels`` positions (a group can span many layers, e.g. a DenseNet block's growth
-    channels, and no layer may lose all of its channels)."""
-    order = torch.argsort(scores, stable=True).tolist()
+    channels, and no layer may lose all of its channels).
+
+    Where a group concatenates the outputs of several layers (DenseNet blocks, Inception and Fire modules), each
+    layer's segment loses the same fraction, its own lowest-scoring units: ranking scores across layers would empty
+    some layers down to one channel and keep others whole, which costs accuracy and runs slowly.
+    """
     counts = torch.stack([torch.bincount(m.unit[m.unit >= 0], minlength=group.num_units) for m in group.members])
     left = torch.tensor([m.unit.numel() for m in group.members])
     floor = torch.clamp(torch.tensor(min_channels), max=left)
     mask = torch.zeros(group.num_units, dtype=torch.bool)
-    lowest = torch.tensor(order[:k], dtype=torch.long)
+    segments = _segments(counts)
+    if len(segments) == 1:
+        order = torch.argsort(scores, stable=True).tolist()
+        lowest = torch.tensor(order[:k], dtype=torch.long)
+    else:
+        per = _even_split([len(s) for s in segments], k)
+        picks = [seg[torch.argsort(scores[seg], stable=True)[:c]] for seg, c in zip(segments, per)]
+        lowest = torch.cat(picks) if picks else torch.zeros(0, dtype=torch.long)
+        order = torch.argsort(scores, stable=True).tolist()
     if bool((left - counts[:, lowest].sum(dim=1) >= floor).all()):  # the common case: no member runs dry
         mask[lowest] = True
         return mask
