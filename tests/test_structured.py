@@ -580,3 +580,25 @@ def test_summary_is_readable():
     p = plan(model, x, 0.5, graph=graph)
     text = str(p)
     assert "MACs" in text and "x fewer" in text and "5 of 10 units" in text
+
+
+def test_concatenated_layers_each_lose_the_same_fraction():
+    """A group that concatenates two layers' channels prunes half of each, even when one layer's scores are all
+    lower (ranking across layers would empty one of them)."""
+
+    class Cat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+            self.c = nn.Conv2d(16, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(torch.cat([self.a(x), self.b(x)], dim=1))
+
+    torch.manual_seed(0)
+    model = Cat()
+    with torch.no_grad():
+        model.a.weight.mul_(0.01)  # every channel of a scores below every channel of b
+    x = torch.randn(2, 3, 8, 8)
+    small = plan(model, x, sparsity=0.5, criterion="l2").apply(copy.deepcopy(model))
+    assert small.a.out_channels == 4 and small.b.out_channels == 4 and small.c.in_channels == 8

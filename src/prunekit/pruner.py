@@ -10,7 +10,6 @@ prunekit checkpoints (:mod:`prunekit.checkpoint`).
 from __future__ import annotations
 
 import ctypes
-
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
