@@ -36,6 +36,7 @@ def main(out_dir: str) -> None:
               "zeros_ok": zeros_ok}
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump(result, f)
+    dist.barrier()  # both ranks done before either tears gloo down (a rank aborted at teardown once under load)
     dist.destroy_process_group()
 
 
