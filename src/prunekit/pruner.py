@@ -144,19 +144,13 @@ class Pruner:
         """Zero the pruned weights in place (one multiply per masked tensor, no allocation)."""
         if not self._active:
             return
-        batch = self._batch
-        if batch is not None:  # the common case on CPU: one native call for every tensor (see _NativeBatch)
-            ptrs = [t.data_ptr() for t in self._param_list]
-            if ptrs == batch.ptrs and [m.data_ptr() for m in self._mask_list] == batch.mask_ptrs:
-                batch.run()
-                increment_version(self._param_list)
-                return
-        self._batch = _NativeBatch.build(self._param_list, self._mask_list)
-        if self._batch is not None:
-            self._batch.run()
-            increment_version(self._param_list)
-        else:
+        if self._batch is None or not self._batch.matches(self._param_list, self._mask_list):
+            self._batch = _NativeBatch.build(self._param_list, self._mask_list)  # first call, or storage changed
+        if self._batch is None:  # not float32 CPU, or no native library
             _mask_in_place(self._param_list, self._mask_list)
+            return
+        self._batch.run()
+        increment_version(self._param_list)
 
     @torch.no_grad()
     def mask_gradients(self) -> None:
@@ -341,6 +335,9 @@ class _NativeBatch:
                 return None
         return cls(lib.mask_many_f32, [t.data_ptr() for t in tensors], [m.data_ptr() for m in masks],
                    [t.numel() for t in tensors])
+
+    def matches(self, tensors: list[torch.Tensor], masks: list[torch.Tensor]) -> bool:
+        return [t.data_ptr() for t in tensors] == self.ptrs and [m.data_ptr() for m in masks] == self.mask_ptrs
 
     def run(self) -> None:
         self._fn(*self._args)

@@ -299,20 +299,18 @@ def _select(group: Group, scores: torch.Tensor, k: int, min_channels: int) -> to
     left = torch.tensor([m.unit.numel() for m in group.members])
     floor = torch.clamp(torch.tensor(min_channels), max=left)
     mask = torch.zeros(group.num_units, dtype=torch.bool)
+    order = torch.argsort(scores, stable=True)
     segments = _segments(counts)
     if len(segments) == 1:
-        order = torch.argsort(scores, stable=True).tolist()
-        lowest = torch.tensor(order[:k], dtype=torch.long)
+        lowest = order[:k]
     else:
         per = _even_split([len(s) for s in segments], k)
-        picks = [seg[torch.argsort(scores[seg], stable=True)[:c]] for seg, c in zip(segments, per)]
-        lowest = torch.cat(picks) if picks else torch.zeros(0, dtype=torch.long)
-        order = torch.argsort(scores, stable=True).tolist()
+        lowest = torch.cat([seg[torch.argsort(scores[seg], stable=True)[:c]] for seg, c in zip(segments, per)])
     if bool((left - counts[:, lowest].sum(dim=1) >= floor).all()):  # the common case: no member runs dry
         mask[lowest] = True
         return mask
     taken = 0
-    for u in order:
+    for u in order.tolist():  # a member would run dry: take units one by one, lowest scores first
         if taken == k:
             break
         after = left - counts[:, u]
