@@ -9,8 +9,13 @@ For each model (random init, ``torch.manual_seed(0)``, eval mode, 224x224):
 * ``theirs``: Torch-Pruning 1.6.1 as in its own ``examples/torchvision_models/torchvision_pruning.py``:
   ``MetaPruner(model, x, GroupMagnitudeImportance(p=2), pruning_ratio=0.5)``, the 1000-way classifier ignored, ViT
   rounded to its head count (and ``hidden_dim`` updated afterwards). It runs in a child process with a memory cap
-  (``--tp-memory-gb``) and a time limit, because it can exhaust memory (swin_t); the pruned module is pickled back.
-  Any failure is recorded as the result.
+  (``--tp-memory-gb``) and a time limit, because it can exhaust memory (swin_t). The pruned model comes back without
+  pickle: the child writes its ``state_dict`` and its output on the input to a safetensors file, with the plain
+  attributes that pruning changed (``out_channels``, ``num_features``, ``embed_dim``, ViT's ``hidden_dim``, ...) in
+  the file's metadata; the parent rebuilds the model, applies the attributes, resizes every parameter and buffer to
+  the saved shape, loads the state dict (strict) and checks that it reproduces the child's output and a sample of
+  every submodule's output (the logits alone are 0 or ~1e-11 on random-init ViT and MobileNets). Any failure
+  (including a mismatch) is recorded as the result.
 * ``ours_matched``: prunekit at the MACs Torch-Pruning reached (uniform per-group sparsity found by bisection on the
   predicted MACs, ``verify=False``, then applied and counted), for the "same speed at equal MACs" comparison.
 
@@ -73,8 +78,151 @@ def build(name: str) -> nn.Module:
 # Torch-Pruning, in a child process
 
 
+_REFERENCE = "__reference_"  # prefix of the non-state-dict tensors in the transfer file (no state_dict key has it)
+_REFERENCE_INPUT, _REFERENCE_OUTPUT = f"{_REFERENCE}input__", f"{_REFERENCE}output__"
+_MODULE_BOOKKEEPING = frozenset(vars(nn.Module()))  # training, _parameters, _forward_hooks, ...
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` survives a JSON round trip (up to tuple -> list)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    return isinstance(value, (tuple, list)) and all(_plain(v) for v in value)
+
+
+def _plain_attrs(module: nn.Module) -> dict[str, Any]:
+    """The module's own plain attributes: ``out_channels``, ``normalized_shape``, ``embed_dim``,
+    ``_qkv_same_embed_dim``, ... (underscore attributes included, nn.Module's bookkeeping and ``training`` not)."""
+    return {k: v for k, v in vars(module).items() if k not in _MODULE_BOOKKEEPING and _plain(v)}
+
+
+def changed_attrs(pruned: nn.Module, fresh: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{module name: {attribute: value}}`` for the plain attributes of ``pruned`` that differ from ``fresh`` (the
+    same architecture as built; ``""`` is the top-level model)."""
+    mods, fresh_mods = dict(pruned.named_modules()), dict(fresh.named_modules())
+    if list(mods) != list(fresh_mods) or any(type(mods[k]) is not type(fresh_mods[k]) for k in mods):
+        raise RuntimeError("pruning changed the module structure; the attribute transfer cannot rebuild it")
+    out: dict[str, dict[str, Any]] = {}
+    missing = object()
+    for name, module in mods.items():
+        ref = _plain_attrs(fresh_mods[name])
+        diff = {k: v for k, v in _plain_attrs(module).items() if ref.get(k, missing) != v}
+        if diff:
+            out[name] = diff
+    return out
+
+
+def _run_recorded(model: nn.Module, x: torch.Tensor, samples: int = 256,
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, list[int]]]:
+    """``model(x)`` (no grad) and, from forward hooks, the shape of every submodule's floating-point output(s) and
+    ``samples`` evenly spaced values of it: a fingerprint of the whole computation. The final output alone proves
+    little on these randomly initialised models: ViT's head is zero-initialised (its output is exactly 0 whatever the
+    encoder computes), and the MobileNets' logits are ~1e-11."""
+    values: dict[str, torch.Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+
+    def hook(name: str) -> Any:
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            for i, o in enumerate(output if isinstance(output, (tuple, list)) else (output,)):
+                if isinstance(o, torch.Tensor) and o.is_floating_point():
+                    flat = o.detach().reshape(-1)
+                    index = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel())).long()
+                    key = f"{_REFERENCE}activation__{name}#{i}"  # a module called twice: its last call
+                    values[key], shapes[key] = flat[index], list(o.shape)  # indexing copies (in-place ops follow)
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            y = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"model output is a {type(y).__name__}, not a tensor")
+    return y, values, shapes
+
+
+def save_pruned(model: nn.Module, fresh: nn.Module, x: torch.Tensor, path: str, prune_seconds: float) -> None:
+    """Write ``model`` (pruned from ``fresh``'s architecture) to the safetensors file ``path`` without pickle: the
+    state dict; the input ``x``, ``model(x)`` and a sample of every submodule's output as reference; the changed
+    attributes, the activation shapes and ``prune_seconds`` as metadata."""
+    y, values, shapes = _run_recorded(model, x)
+    tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for key, value in model.state_dict().items():
+        value = value.detach().contiguous()
+        if value.untyped_storage().data_ptr() in storages and value.numel():  # tied: safetensors refuses shared memory
+            value = value.clone()
+        storages.add(value.untyped_storage().data_ptr())
+        tensors[key] = value
+    tensors.update(values)
+    tensors[_REFERENCE_INPUT] = x.detach().contiguous()
+    tensors[_REFERENCE_OUTPUT] = y.detach().contiguous()
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata={"attrs": json.dumps(changed_attrs(model, fresh)),
+                                       "activation_shapes": json.dumps(shapes), "prune_seconds": repr(prune_seconds)})
+
+
+def _as_like(value: Any, ref: Any) -> Any:
+    """``value`` back from JSON: lists become tuples where the fresh model has a tuple."""
+    if isinstance(value, list) and isinstance(ref, (tuple, list)):
+        items = [_as_like(v, r) for v, r in zip(value, ref)] + value[len(ref):]
+        return tuple(items) if isinstance(ref, tuple) else items
+    return value
+
+
+def load_pruned(fresh: nn.Module, path: str, rtol: float = 1e-4, atol: float = 1e-5,
+                ) -> tuple[nn.Module, dict[str, Any]]:
+    """Turn ``fresh`` (built like the model the child pruned) into the pruned model saved by :func:`save_pruned`;
+    raises unless it reproduces the child's output (``allclose(rtol, atol)``) and every submodule's sampled output
+    (``allclose(rtol, atol * max |reference|)``, as their scales differ by orders of magnitude). Returns the model
+    (eval mode) and ``{"prune_seconds": s}``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    tensors = load_file(path)
+    reference = {k: tensors.pop(k) for k in list(tensors) if k.startswith(_REFERENCE)}
+    x, y_ref = reference.pop(_REFERENCE_INPUT), reference.pop(_REFERENCE_OUTPUT)
+    for name, attrs in json.loads(meta["attrs"]).items():
+        module = fresh.get_submodule(name)
+        for key, value in attrs.items():
+            setattr(module, key, _as_like(value, getattr(module, key, None)))
+    replaced: dict[int, torch.Tensor] = {}  # old tensor -> its replacement, so that tied tensors stay tied
+    current = fresh.state_dict(keep_vars=True)
+    for key, value in tensors.items():
+        if key not in current:
+            continue  # load_state_dict(strict=True) below names it
+        owner, _, leaf = key.rpartition(".")
+        old = current[key]
+        if id(old) not in replaced:
+            new = torch.empty(value.shape, dtype=value.dtype)
+            if isinstance(old, nn.Parameter):
+                new = nn.Parameter(new, requires_grad=old.requires_grad)
+            replaced[id(old)] = new
+        setattr(fresh.get_submodule(owner), leaf, replaced[id(old)])  # nn.Module.__setattr__: parameter or buffer
+    fresh.load_state_dict(tensors, strict=True)
+    fresh.eval()
+    y, values, shapes = _run_recorded(fresh, x)
+    if y.shape != y_ref.shape or not torch.allclose(y, y_ref, rtol=rtol, atol=atol):
+        diff = (y - y_ref).abs().max().item() if y.shape == y_ref.shape else f"shape {tuple(y.shape)}"
+        raise RuntimeError(f"the rebuilt model does not reproduce the pruned model's output (max |diff| {diff}, "
+                           f"reference shape {tuple(y_ref.shape)})")
+    ref_shapes = json.loads(meta["activation_shapes"])
+    bad = [key.split("__", 2)[-1] for key, ref in reference.items() if key not in values
+           or shapes[key] != ref_shapes[key]
+           or not torch.allclose(values[key], ref, rtol=rtol, atol=atol * ref.abs().max().item())]
+    if bad or len(values) != len(reference):
+        raise RuntimeError(f"the rebuilt model's submodule outputs differ from the pruned model's: {len(bad)} of "
+                           f"{len(reference)} (first: {bad[:3]}), {len(values)} recorded")
+    return fresh, {"prune_seconds": float(meta["prune_seconds"])}
+
+
 def tp_child(name: str, size: int, out: str) -> None:
-    """Prune ``name`` with Torch-Pruning and pickle the module to ``out`` (runs in the child process)."""
+    """Prune ``name`` with Torch-Pruning and write it to ``out`` by :func:`save_pruned` (runs in the child process)."""
     import torch_pruning as tp
     from torchvision.models.vision_transformer import VisionTransformer
 
@@ -90,10 +238,8 @@ def tp_child(name: str, size: int, out: str) -> None:
     if isinstance(model, VisionTransformer):
         model.hidden_dim = model.conv_proj.out_channels  # as Torch-Pruning's example does
     seconds = time.perf_counter() - t0
-    with torch.no_grad():
-        model(x)
-    torch.save(model, out)
-    print(json.dumps({"prune_seconds": seconds}))
+    del pruner
+    save_pruned(model, build(name), x, out, seconds)
 
 
 def run_theirs(name: str, size: int, memory_gb: float, timeout: float) -> tuple[nn.Module | None, dict[str, Any]]:
@@ -105,7 +251,7 @@ def run_theirs(name: str, size: int, memory_gb: float, timeout: float) -> tuple[
 
     version = importlib.metadata.version("torch-pruning")
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "pruned.pt")
+        out = os.path.join(tmp, "pruned.safetensors")
         limit = int(memory_gb * 2**30)
 
         def cap() -> None:
@@ -122,8 +268,11 @@ def run_theirs(name: str, size: int, memory_gb: float, timeout: float) -> tuple[
             if proc.returncode < 0 or "MemoryError" in proc.stderr or "alloc" in proc.stderr.lower():
                 what = f"{what} (memory capped at {memory_gb:g} GB; exit status {proc.returncode})"
             return None, {"error": what[-500:], "version": version}
-        info = json.loads(proc.stdout.strip().splitlines()[-1])
-        model = torch.load(out, weights_only=False).eval()
+        try:
+            model, info = load_pruned(build(name), out)
+        except Exception as exc:  # a model we cannot rebuild exactly is a failure, not something to measure
+            return None, {"error": f"transfer from the child failed: {type(exc).__name__}: {exc}"[:800],
+                          "version": version}
     return model, {**info, "version": version}
 
 
