@@ -423,6 +423,33 @@ def test_plan_json_round_trip_and_replay_on_a_fresh_instance(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), small(x))
     assert count_macs(loaded, x).total == p.macs[1]
+    # checked on other inputs than the plan's (another batch size): the output shapes expected are the unpruned
+    # model's on those inputs, not the plan's recorded ones
+    x5 = torch.randn(5, 3, 6, 6)
+    loaded = load(path, make(), example_inputs=x5)
+    with torch.no_grad():
+        assert loaded(x5).shape == (5, 4) and torch.equal(loaded(x5), small(x5))
+
+
+def test_check_on_other_inputs_still_catches_a_wrong_output_shape():
+    class Squeeze(nn.Module):  # returns the channels as the output: its shape changes when they are pruned
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).mean((2, 3))
+
+    p = plan(Squeeze(), torch.randn(1, 3, 4, 4), 0.5)  # nothing to prune: the output keeps all channels
+    assert p.pruned_units[0] == 0
+    data = p.to_dict()
+    data["slices"] = [{"name": "conv.weight", "dim": 0, "size": 8, "keep": [0, 1, 2, 3]},
+                      {"name": "conv.bias", "dim": 0, "size": 8, "keep": [0, 1, 2, 3]}]
+    forged = Plan.from_dict(data)
+    model = Squeeze()
+    with pytest.raises(PlanApplyError, match=r"outputs have shapes \[\(3, 4\)\], the original's \[\(3, 8\)\]"):
+        forged.apply(model, example_inputs=torch.randn(3, 3, 4, 4))
+    assert model.conv.weight.shape == (8, 3, 1, 1)  # left unchanged
 
 
 def test_applying_twice_or_to_another_model_is_refused(tmp_path):

@@ -104,11 +104,15 @@ def apply_plan(plan: Plan, model: nn.Module, *, soft: bool = False, example_inpu
         return None
     undo: list[tuple[Any, ...]] = []
     macs = None
+    inputs = example_inputs if example_inputs is not None else plan.example_inputs
+    own = example_inputs is None or example_inputs is plan.example_inputs
+    # Other inputs than the plan's (e.g. another batch size after loading): the plan's recorded output and
+    # per-operation shapes do not apply, so the expected output shapes come from the unpruned model on them.
+    outputs = None if own or not verify or inputs is None else _output_shapes(model, inputs)
     try:
         _physical(plan, model, undo)
-        inputs = example_inputs if example_inputs is not None else plan.example_inputs
         if verify and inputs is not None:
-            macs = _verify(plan, model, inputs)
+            macs = _verify(plan, model, inputs, output_shapes=outputs)
     except BaseException:
         for kind, obj, attr, old in reversed(undo):
             if kind == "attr":
@@ -191,9 +195,27 @@ def _inside(module: str, prefixes: Sequence[str]) -> bool:
     return any(module == p or module.startswith(p + ".") for p in prefixes)
 
 
-def _verify(plan: Plan, model: nn.Module, example_inputs: Any) -> int:
+@torch.no_grad()
+def _output_shapes(model: nn.Module, example_inputs: Any) -> list[tuple[int, ...]]:
+    """Shapes of the tensors ``model`` returns on ``example_inputs`` (eval mode, restored after)."""
+    args, kwargs = _split_inputs(example_inputs)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        output = model(*args, **kwargs)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return [tuple(t.shape) for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+
+
+def _verify(plan: Plan, model: nn.Module, example_inputs: Any,
+            output_shapes: list[tuple[int, ...]] | None = None) -> int:
     """Run the pruned model; check it runs, keeps its output shapes and produces the shapes the plan predicts.
-    Returns its MACs (the run is :func:`prunekit.flops.count_macs`'s)."""
+    Returns its MACs (the run is :func:`prunekit.flops.count_macs`'s).
+
+    ``output_shapes``: the unpruned model's output shapes on ``example_inputs`` when these are not the inputs the
+    plan was made with; the plan's per-operation shapes are then not compared (they depend on the inputs)."""
     names = {id(m): n for n, m in model.named_modules()}
     stack: list[tuple[str, nn.Module]] = [("", model)]
     result: list[Any] = []
@@ -230,10 +252,11 @@ def _verify(plan: Plan, model: nn.Module, example_inputs: Any) -> int:
         h1.remove()
         h2.remove()
     got = [tuple(t.shape) for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
-    if plan.output_shapes is not None and got != [tuple(s) for s in plan.output_shapes]:
-        raise PlanApplyError(f"the pruned model's outputs have shapes {got}, the original's {plan.output_shapes}; the "
+    want_shapes = output_shapes if output_shapes is not None else plan.output_shapes
+    if want_shapes is not None and got != [tuple(s) for s in want_shapes]:
+        raise PlanApplyError(f"the pruned model's outputs have shapes {got}, the original's {want_shapes}; the "
                              "model was left unchanged")
-    expected = plan.expected_ops
+    expected = plan.expected_ops if output_shapes is None else None
     if expected is None:
         return macs
     skip = [u.name for u in plan.modules if u.replace is not None]
