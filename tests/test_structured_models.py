@@ -12,6 +12,7 @@ Inputs are small (64x64) where the architecture allows; vit_b_16 and swin_t need
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -190,6 +191,7 @@ def test_gpt_style_decoder():
     assert small.blocks[0].attn.qkv.out_features == 3 * 32 and small.tokens.weight is small.head.weight
 
 
+@pytest.mark.filterwarnings("ignore:prunekit.structured.*derives the head size:UserWarning")
 def test_hugging_face_gpt2():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -204,6 +206,7 @@ def test_hugging_face_gpt2():
     assert (attn.num_heads, attn.split_size, small.transformer.wte.weight.shape) == (2, 32, (96, 32))
 
 
+@pytest.mark.filterwarnings("ignore:prunekit.structured.*derives the head size:UserWarning")
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_hugging_face_llama_and_bert(family):
     """Not in the coverage bar (the LLM issue builds on it), but the same checks hold: whole key/value-head groups
@@ -221,3 +224,73 @@ def test_hugging_face_llama_and_bert(family):
         inputs = {"input_ids": ids}
     p = check_coverage(model, inputs)
     assert sum(any(r.startswith("heads") for r in g.rules) for g in p.groups) == 2
+
+
+def _tiny_hf(transformers: Any, family: str) -> tuple[nn.Module, dict[str, Any], Callable[[], nn.Module]]:
+    common = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "max_position_embeddings": 32}
+    ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    if family == "llama":
+        def make() -> nn.Module:
+            torch.manual_seed(0)
+            return transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **common)).eval()
+        return make(), {"input_ids": ids, "use_cache": False}, make
+
+    def make_bert() -> nn.Module:
+        torch.manual_seed(0)
+        return transformers.BertModel(transformers.BertConfig(**common)).eval()
+    return make_bert(), {"input_ids": ids}, make_bert
+
+
+def _hidden(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def test_hugging_face_config_follows_uniform_pruning_and_reloads_with_transformers(tmp_path):
+    """Llama states its head size, so heads, key/value heads, FFN units and the width all go into the config:
+    save_pretrained + from_pretrained (plain transformers) rebuild the pruned model exactly."""
+    transformers = pytest.importorskip("transformers")
+    model, inputs, _ = _tiny_hf(transformers, "llama")
+    p = plan(model, inputs, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # everything is describable: no warning
+        small = p.apply(copy.deepcopy(model))
+    c = small.config
+    assert (c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.hidden_size, c.head_dim) == \
+        (2, 1, 64, 32, 16)
+    assert model.config.num_attention_heads == 4  # the dense model's config is another object, untouched
+    small.save_pretrained(tmp_path / "pruned")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    assert torch.equal(_hidden(again, inputs), _hidden(small, inputs))
+
+
+def test_hugging_face_config_bert_ffn_in_config_heads_only_through_our_plan(tmp_path):
+    """BERT derives its head size from hidden_size // num_attention_heads: FFN units go into the config, removed
+    heads cannot, so the config is left alone with a warning and the plan format stores the model."""
+    transformers = pytest.importorskip("transformers")
+    from prunekit.structured import load, save
+
+    model, inputs, make = _tiny_hf(transformers, "bert")
+
+    def ffn_only(group: Any) -> float:
+        return 0.5 if any("intermediate.dense" in m.name for m in group.members) else 0.0
+
+    p = plan(model, inputs, ffn_only)
+    small = p.apply(copy.deepcopy(model))
+    assert small.config.intermediate_size == 64
+    small.save_pretrained(tmp_path / "ffn")
+    again = transformers.AutoModel.from_pretrained(tmp_path / "ffn").eval()
+    assert torch.equal(_hidden(again, inputs), _hidden(small, inputs))
+
+    def heads_and_ffn(group: Any) -> float:
+        return 0.5 if any(r.startswith("heads") for r in group.rules) or ffn_only(group) else 0.0
+
+    p = plan(model, inputs, heads_and_ffn)
+    with pytest.warns(UserWarning, match=r"derives the head size .*prunekit.structured.save"):
+        small = p.apply(copy.deepcopy(model))
+    assert (small.config.num_attention_heads, small.config.intermediate_size) == (4, 128)  # unchanged
+    path = save(small, tmp_path / "bert.safetensors", p)
+    back = load(path, make(), example_inputs=inputs)
+    assert torch.equal(_hidden(back, inputs), _hidden(small, inputs))

@@ -90,8 +90,12 @@ def structural_copy(model: nn.Module) -> nn.Module:
 
 
 def apply_plan(plan: Plan, model: nn.Module, *, soft: bool = False, example_inputs: Any = None,
-               verify: bool = True) -> int | None:
+               verify: bool = True, config: str = "off") -> int | None:
     """Apply ``plan`` to ``model`` in place (see :meth:`prunekit.structured.Plan.apply`).
+
+    ``config``: what to do with a transformers model's ``config`` after physical pruning: ``"off"`` (leave it; the
+    internal trial copies), ``"sync"`` (write the sizes it can describe, :func:`prunekit.structured.hf.sync_config`)
+    or ``"warn"`` (also warn about what it cannot describe).
 
     Returns:
         The pruned model's MACs on the example inputs if the check ran, else None.
@@ -123,7 +127,25 @@ def apply_plan(plan: Plan, model: nn.Module, *, soft: bool = False, example_inpu
             else:
                 getattr(obj, kind)[attr] = old
         raise
+    if config != "off":
+        _sync_configs(model, warn=config == "warn")
     return macs
+
+
+def _sync_configs(model: nn.Module, *, warn: bool) -> None:
+    """Update the config of every (outermost) transformers model inside ``model``; warn where it cannot."""
+    from prunekit.structured.hf import _hf_config, sync_config
+
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        config = _hf_config(module)
+        if config is None or id(config) in seen:
+            continue
+        seen.add(id(config))
+        notes = sync_config(module)
+        if notes and warn:
+            where = f" ({name})" if name else ""
+            warnings.warn(f"prunekit.structured: {type(module).__name__}{where}: " + "; ".join(notes), stacklevel=4)
 
 
 @torch.no_grad()

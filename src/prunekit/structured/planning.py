@@ -118,7 +118,7 @@ class Plan:
 
     # --- applying ------------------------------------------------------------------------------------------------
     def apply(self, model: nn.Module, *, soft: bool = False, example_inputs: Any = None,
-              verify: bool = True) -> nn.Module:
+              verify: bool = True, quiet_config: bool = False) -> nn.Module:
         """Apply the plan to ``model`` in place and return it.
 
         Args:
@@ -129,6 +129,11 @@ class Plan:
             example_inputs: Inputs for the check run (default: those the plan was made with, if any).
             verify: Run the check after physical pruning: the model runs, its outputs keep their shapes and every
                 operation has the shape the plan predicts. Skipped when no example inputs are known.
+            quiet_config: For a transformers model, ``model.config`` gets the pruned sizes it can describe
+                (uniform FFN width; heads and width where it states ``head_dim``, as Llama does), so
+                ``save_pretrained``/``from_pretrained`` work; what it cannot describe (BERT's or GPT-2's removed
+                heads, layers that differ) is warned about unless this is True: save those with
+                :func:`prunekit.structured.save`.
 
         Returns:
             ``model``, physically smaller (new ``nn.Parameter`` objects: create optimizers afterwards) or with zeros.
@@ -137,7 +142,8 @@ class Plan:
             PlanApplyError: If the plan does not fit the model or the pruned model fails the check (the model is
                 then left unchanged).
         """
-        apply_plan(self, model, soft=soft, example_inputs=example_inputs, verify=verify)
+        apply_plan(self, model, soft=soft, example_inputs=example_inputs, verify=verify,
+                   config="off" if soft else "sync" if quiet_config else "warn")
         return model
 
     def masks(self, model: nn.Module) -> Mask:

@@ -78,6 +78,7 @@ def load(path: str | os.PathLike[str], model: nn.Module, *, example_inputs: Any 
     plans = [Plan.from_dict(meta["plan"])] if "plan" in meta else [Plan.from_dict(d) for d in meta["plans"]]
     for i, plan in enumerate(plans):
         last = i == len(plans) - 1
-        plan.apply(model, example_inputs=example_inputs if last else None, verify=last and example_inputs is not None)
+        plan.apply(model, example_inputs=example_inputs if last else None, verify=last and example_inputs is not None,
+                   quiet_config=True)
     model.load_state_dict(tensors, strict=True)
     return model
