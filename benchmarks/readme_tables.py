@@ -677,7 +677,96 @@ def render_llm_perplexity(doc: dict[str, Any]) -> tuple[str, list[str]]:
     return "LLM one-shot pruning: perplexity and cost", lines
 
 
-@renders("lottery*.json")
+@renders("lottery.json")
+def render_lottery(doc: dict[str, Any]) -> tuple[str, list[str]]:
+    """Issue 6: the winning ticket vs its controls per level (mean ± std over seeds)."""
+    def cell(entry: Any) -> str:
+        acc = dig(entry, "accuracy")
+        if not isinstance(acc, dict) or not is_number(acc.get("mean")):
+            return MISSING
+        n = int(acc.get("n", 1))
+        return f"{100 * acc['mean']:.2f} ± {100 * acc.get('std', 0.0):.2f}%" + (f" (n={n})" if n != 1 else "")
+
+    lines: list[str] = [] if as_dict(doc.get("summary")) else [f"No levels {NOT_MEASURED}."]
+    for model, levels in as_dict(doc.get("summary")).items():
+        levels = [lv for lv in as_list(levels) if isinstance(lv, dict)]
+        dense = dig(levels[0], "ticket", "accuracy", "mean") if levels else None
+        rows, bar = [], []
+        for lv in levels:
+            t, r = dig(lv, "ticket", "accuracy", "mean"), dig(lv, "reinit", "accuracy", "mean")
+            beats = t > r if is_number(t) and is_number(r) else None
+            if is_number(lv.get("density")) and 0.0355 <= lv["density"] <= 0.2005 and beats is not None:
+                bar.append(beats)
+            rows.append([str(lv.get("level")), fmt_pct(lv.get("density")), cell(lv.get("ticket")),
+                         cell(lv.get("reinit")), cell(lv.get("random_mask")),
+                         MISSING if beats is None else ("yes" if beats else "no"),
+                         MISSING if not (is_number(t) and is_number(dense)) else ("yes" if t >= dense else "no"),
+                         f"{dig(lv, 'ticket', 'early_stop_step', 'mean'):.0f}"
+                         if is_number(dig(lv, "ticket", "early_stop_step", "mean")) else MISSING])
+        lines += [f"**{model}** — test accuracy at the early-stopping step (lowest validation loss), mean ± std "
+                  "over seeds; controls at the same sparsity: the ticket's mask with a new random initialisation "
+                  "(reinit), and a random mask with the original initialisation (random_mask).", ""]
+        lines += md_table(["level", "weights left", "ticket", "reinit", "random_mask", "ticket > reinit",
+                           "ticket ≥ dense", "ticket early stop (step)"], rows)
+        if model == "lenet300":
+            met = bool(bar) and all(bar) and len(bar) >= 8
+            lines += ["", f"Goal (bold): at every level from 20% to 3.6% of weights left, ticket > reinit (mean): "
+                          f"{sum(bar)} of {len(bar)} levels — {fmt_status(met if bar else None)}", ""]
+    return "Lottery tickets (Frankle & Carbin 2019), rewinding to init", lines
+
+
+@renders("search_vs_grid.json")
+def render_search_vs_grid(doc: dict[str, Any]) -> tuple[str, list[str]]:
+    s = as_dict(doc.get("summary"))
+    meta = as_dict(doc.get("meta"))
+    rows = [["exhaustive grid (0.5-pt steps, each from dense)", fmt_sparsity(s.get("grid_best_sparsity")),
+             fmt_pct(s.get("grid_best_val")), fmt_pct(s.get("grid_best_test")), fmt_count(s.get("grid_trials")),
+             fmt_count(s.get("grid_finetune_epochs")), fmt_seconds(s.get("grid_seconds"))],
+            ["`prunekit.search` (warm-started bisection)", fmt_sparsity(s.get("search_sparsity")),
+             fmt_pct(s.get("search_val")), fmt_pct(s.get("search_test")), fmt_count(s.get("search_trials")),
+             fmt_count(s.get("search_finetune_epochs")), fmt_seconds(s.get("search_seconds"))]]
+    drop = f"{100 * meta['max_drop']:g} pt" if is_number(meta.get("max_drop")) else "the allowed drop"
+    lines = [f"LeNet-300-100 / MNIST: highest global-magnitude sparsity whose validation accuracy is within {drop} "
+             f"of dense after {meta.get('finetune_epochs', NOT_MEASURED)} fine-tuning epochs per trial.", ""]
+    lines += md_table(["method", "highest sparsity", "val acc", "test acc", "trials", "fine-tune epochs", "time"],
+                      rows)
+    gap, frac = s.get("gap_points"), s.get("compute_fraction_epochs")
+    lines += ["", f"Goal (bold): search within 1 pt of the grid's sparsity (grid − search: "
+                  f"{f'{gap:+.2f} pt' if is_number(gap) else NOT_MEASURED}) using ≤ 1/3 of its compute "
+                  f"({fmt_pct(frac)} of the fine-tuning epochs) — {fmt_status(s.get('meets_bar'))}"]
+    return "Accuracy-constrained search vs exhaustive grid", lines
+
+
+@renders("minilm_structured.json")
+def render_minilm_structured(doc: dict[str, Any]) -> tuple[str, list[str]]:
+    rows = []
+    for name, r in as_dict(doc.get("runs")).items():
+        if not isinstance(r, dict):
+            continue
+        lat = as_dict(r.get("latency"))
+        b1, b16 = as_dict(lat.get("batch1")), as_dict(lat.get("batch16"))
+        tuned = is_number(r.get("cosine_after"))
+        rows.append([name, f"{r['val_cosine_before']:.4f}" if is_number(r.get("val_cosine_before")) else MISSING,
+                     f"{r['cosine_before']:.4f}" if is_number(r.get("cosine_before")) else MISSING,
+                     f"{r['cosine_after']:.4f}" if tuned else "(not fine-tuned)",
+                     fmt_ratio(b16.get("mac_reduction")) if tuned else MISSING,
+                     fmt_ratio(b1.get("speedup")) if tuned else MISSING,
+                     fmt_ratio(b16.get("speedup")) if tuned else MISSING])
+    s = as_dict(doc.get("summary"))
+    lines = ["all-MiniLM-L6-v2 with half of every layer's attention heads and FFN units removed (2x fewer encoder "
+             "MACs); mean cosine similarity of the mean-pooled embeddings to the dense model's on 1,000 held-out "
+             "sentences of *Persuasion*, after pruning and after distillation on other novels (the criterion with "
+             "the best validation cosine is fine-tuned). Latency: 128 tokens, 2 threads.", ""]
+    lines += md_table(["criterion", "val cosine (pruned)", "cosine (pruned)", "cosine (distilled)", "MACs",
+                       "speedup batch 1", "speedup batch 16"], rows)
+    after = s.get("cosine_after")
+    lines += ["", f"Goal (bold): cosine ≥ {s.get('bar', 0.9)} after fine-tuning: "
+                  f"{f'{after:.4f}' if is_number(after) else NOT_MEASURED} ({s.get('chosen_on_val')}) — "
+                  f"{fmt_status(s.get('meets_bar') if is_number(after) else None)}"]
+    return "MiniLM: heads and FFN units to half the encoder MACs", lines
+
+
+@renders("lottery_*.json")
 def render_generic_summary(doc: dict[str, Any]) -> tuple[str, list[str]]:
     """Files without a dedicated renderer yet: the scalar fields of the ``summary`` rows, as stored."""
     summary = doc.get("summary")
