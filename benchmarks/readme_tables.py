@@ -711,7 +711,7 @@ def render_lottery(doc: dict[str, Any]) -> tuple[str, list[str]]:
         if model == "lenet300":
             met = bool(bar) and all(bar) and len(bar) >= 8
             lines += ["", f"Goal (bold): at every level from 20% to 3.6% of weights left, ticket > reinit (mean): "
-                          f"{sum(bar)} of {len(bar)} levels — {fmt_status(met if bar else None)}", ""]
+                          f"{sum(bar)} of {len(bar)} levels — {fmt_status(met if bar else None)}"]
     return "Lottery tickets (Frankle & Carbin 2019), rewinding to init", lines
 
 
