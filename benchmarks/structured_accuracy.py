@@ -61,6 +61,7 @@ import prunekit  # noqa: E402
 from prunekit import Gradual  # noqa: E402
 from prunekit.data import load_dataset  # noqa: E402
 from prunekit.data.fetch import cache_dir  # noqa: E402
+from prunekit.fileformat import write_text  # noqa: E402
 from prunekit.flops import count_macs, count_params  # noqa: E402
 from prunekit.models import get_model  # noqa: E402
 from prunekit.structured import StructuredPruner, plan, trace  # noqa: E402
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         store.doc["summary"] = summary
         store.doc["meta"]["loadavg_end"] = list(os.getloadavg())
         store.save()
-        (RESULTS / f"{NAME}{'_quick' if args.quick else ''}.md").write_text(text + "\n")
+        write_text(RESULTS / f"{NAME}{'_quick' if args.quick else ''}.md", text + "\n")
         draw(summary, png_path(NAME, args.quick))
     text, _ = summarize(store)
     print(text)
