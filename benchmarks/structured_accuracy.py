@@ -13,7 +13,8 @@ Protocol, per task:
 2. **Pruning to 2x fewer MACs** (counted by ``prunekit.flops.count_macs`` on the physically pruned model): every
    method removes the same fraction of every group's units (*uniform* allocation, bisected so that MACs <= 0.5 x
    dense), so the methods differ only in *which* units go. prunekit criteria: ``taylor`` (Molchanov et al. 2017:
-   |activation x gradient| per feature map, on 8 labelled calibration batches of 128), ``l1`` (filter norm),
+   |activation x gradient| per feature map, on 8 labelled calibration batches of 128), ``l1``/``l2`` (filter norm;
+   ``l2`` is Torch-Pruning's default criterion too),
    ``bn_scale`` (|gamma|; ResNet-20 only, LeNets have no BatchNorm), ``apoz``, ``random``. Torch-Pruning ``tp_l2``:
    ``MetaPruner`` with its default ``GroupMagnitudeImportance(p=2)``, the classifier ignored, ``pruning_ratio``
    bisected to the MACs closest to ours from below (equal MACs up to rounding).
@@ -76,7 +77,7 @@ TASKS = {
     "lenet300-mnist": {"model": "lenet300", "data": "mnist", "dense_epochs": 12, "ft_epochs": 6,
                        "weight_decay": 0.0, "lr": 0.1},
 }
-OURS = ["taylor", "l1", "bn_scale", "apoz", "random", "taylor_global", "taylor_gradual"]
+OURS = ["taylor", "l1", "l2", "bn_scale", "apoz", "random", "taylor_global", "taylor_gradual"]
 X = torch.zeros(1, 1, 28, 28)
 TARGET = 0.5  # MACs after / before
 
@@ -225,7 +226,7 @@ def summarize(store: ResultStore) -> tuple[str, dict[str, Any]]:
             bars["within_0.5pt_of_dense"] = ours[best]["mean"] >= d - 0.005
             if "tp_l2" in stats:
                 bars["at_least_torch_pruning"] = ours[best]["mean"] >= stats["tp_l2"]["mean"]
-        ranking = sorted((m for m in ("taylor", "l1", "bn_scale", "apoz", "random") if m in stats),
+        ranking = sorted((m for m in ("taylor", "l1", "l2", "bn_scale", "apoz", "random") if m in stats),
                          key=lambda m: -stats[m]["mean"])
         out[task] = {"dense_test_accuracy": d, "methods": stats, "bars": bars, "criteria_ranking": ranking}
     header = ["task", "method", "test acc % (mean ± std)", "seeds", "val acc %", "MACs", "params", "vs dense pt"]
