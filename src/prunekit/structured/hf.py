@@ -7,7 +7,8 @@ same ones and the config has a field for them:
 
 * FFN width: ``intermediate_size`` (Llama, Mistral, Qwen, BERT, ...), ``n_inner`` (GPT-2), ``ffn_dim`` (OPT);
 * attention heads, where the config states the head size (``head_dim``, Llama-style): ``num_attention_heads`` and
-  ``num_key_value_heads``; and the embedding width ``hidden_size`` (``head_dim`` is then written explicitly).
+  ``num_key_value_heads``; and the embedding width ``hidden_size`` (the config's own ``head_dim`` keeps the head
+  size).
 
 What the config cannot describe — layers that differ, or heads removed where the head size is derived as
 ``hidden_size // num_attention_heads`` (BERT, GPT-2 in transformers 5) — is returned as notes, and the config is
