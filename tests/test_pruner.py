@@ -138,6 +138,29 @@ def test_deepcopy_state_dict_strict_and_fresh_instance():
     assert p2.masks.equal(pruner.masks) and p2.model is not pruner.model
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_re_zeroing_splits_large_tensors_across_threads_exactly(threads):
+    """The native pass cuts tensors of >= 32768 elements into one chunk per thread (torch's split): every pruned
+    entry of every chunk, including an odd-sized tail, must be zeroed, and no kept entry touched."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(301, 257), nn.ReLU(), nn.Linear(257, 7), nn.ReLU(), nn.Linear(7, 40001))
+    pruner = prunekit.prune(model, sparsity=0.6, allocation="uniform")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # every pruned weight is now 1, every kept weight w + 1
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        pruner.apply()
+    finally:
+        torch.set_num_threads(old)
+    for name, mask in pruner.masks.items():
+        w = dict(model.named_parameters())[name]
+        assert bool((w[~mask] == 0).all()), name
+        assert torch.equal(w[mask], before[name][mask] + 1.0), name
+
+
 def test_re_zeroing_follows_new_storage_and_copies():
     """apply() caches pointers for its native call: new storage (param.data = ..., a deep copy) must be re-zeroed."""
     model = mlp()

@@ -340,7 +340,7 @@ class _NativeBatch:
         return [t.data_ptr() for t in tensors] == self.ptrs and [m.data_ptr() for m in masks] == self.mask_ptrs
 
     def run(self) -> None:
-        self._fn(*self._args)
+        self._fn(*self._args, torch.get_num_threads())  # torch's split of the optimizer step: data stays core-local
 
     def __deepcopy__(self, memo: dict[int, Any]) -> None:
         return None  # a copy's tensors live elsewhere: the copied Pruner rebuilds its batch on first use
