@@ -139,9 +139,10 @@ class Pruner:
         self.step_count = t + 1
         return updated
 
-    @torch.no_grad()
     def apply(self) -> None:
         """Zero the pruned weights in place (one multiply per masked tensor, no allocation)."""
+        # No ``torch.no_grad()`` here: entering it costs more than re-zeroing a small model's weights with the native
+        # kernel, which autograd never sees; the torch fallback in ``_mask_in_place`` enters it itself.
         if not self._active:
             return
         if self._batch is None or not self._batch.matches(self._param_list, self._mask_list):
@@ -375,7 +376,8 @@ def _mask_in_place(tensors: list[torch.Tensor], masks: list[torch.Tensor]) -> No
     if fast:
         increment_version(fast)
     if rest_t:
-        torch._foreach_mul_(rest_t, rest_m)
+        with torch.no_grad():
+            torch._foreach_mul_(rest_t, rest_m)
 
 
 def glob_escape(name: str) -> str:
