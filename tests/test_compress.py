@@ -221,24 +221,79 @@ def test_compressed_files_are_checked_and_truncation_is_an_error(tmp_path):
         read(tmp_path / "f.pk")
 
 
-def test_compressed_file_is_version_2_and_other_versions_are_refused(tmp_path):
+def _file_header(path):
     import json
     import struct
 
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n])["__metadata__"]
+
+
+def test_compressed_file_version_is_the_lowest_that_reads_it_and_newer_versions_are_refused(tmp_path):
     from safetensors.torch import save_file
 
     path = write(tmp_path / "c.pk", {"w": torch.zeros(10)}, {}, kind="x", compression=Compression())
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])["__metadata__"]
-    assert header["prunekit.version"] == "2"
+    header = _file_header(path)
+    assert header["prunekit.version"] == "2"  # nothing in it needs version 3
+    smooth = write(tmp_path / "s.pk", {"w": smooth_signs((64, 256), 0.5)}, {}, kind="x", compression=Compression())
+    assert _file_header(smooth)["prunekit.version"] == "3"  # flip-coded signs
+    assert torch.equal(read(smooth)[0]["w"], smooth_signs((64, 256), 0.5))
     plain = write(tmp_path / "p.safetensors", {"w": torch.zeros(10)}, {}, kind="x")
-    (n,) = struct.unpack("<Q", plain.read_bytes()[:8])
-    assert json.loads(plain.read_bytes()[8 : 8 + n])["__metadata__"]["prunekit.version"] == "1"  # as before
-    save_file({"prunekit.payload": torch.zeros(4, dtype=torch.uint8)}, str(tmp_path / "v3.pk"),
-              metadata={**header, "prunekit.version": "3"})
-    with pytest.raises(FileFormatError, match="version 3; this prunekit reads versions 1, 2"):
-        read(tmp_path / "v3.pk")
+    assert _file_header(plain)["prunekit.version"] == "1"  # as before
+    save_file({"prunekit.payload": torch.zeros(4, dtype=torch.uint8)}, str(tmp_path / "v4.pk"),
+              metadata={**header, "prunekit.version": "4"})
+    with pytest.raises(FileFormatError, match="version 4; this prunekit reads versions 1, 2, 3"):
+        read(tmp_path / "v4.pk")
+
+
+def smooth_signs(shape, sparsity, dtype=torch.float32, seed=0, flip_rate=0.03):
+    """Weights whose sign changes rarely along a row (as in trained first layers over pixels), some zeroed."""
+    g = torch.Generator().manual_seed(seed)
+    sign = torch.where(torch.rand(shape, generator=g) < flip_rate, -1.0, 1.0).cumprod(dim=-1)
+    t = sign * (torch.rand(shape, generator=g) + 0.1)
+    t[torch.rand(shape, generator=g) < sparsity] = 0
+    return t.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.6])
+def test_predictable_signs_are_coded_as_flips_bit_exactly_and_smaller(dtype, sparsity):
+    t = smooth_signs((128, 512), sparsity, dtype)
+    header, payload = encode(t)
+    assert header["signs"] == "flip"
+    assert torch.equal(bits(decode(header, payload)), bits(t))
+    # the same values with shuffled signs: the classic layout, about one byte per 8 signs larger
+    shuffled = t.abs() * torch.where(torch.rand(t.shape, generator=torch.Generator().manual_seed(1)) < 0.5, -1, 1)
+    shuffled[t == 0] = 0  # no negative zeros (they would come back as +0.0)
+    plain_header, plain_payload = encode(shuffled.to(dtype))
+    assert "signs" not in plain_header
+    assert torch.equal(bits(decode(plain_header, plain_payload)), bits(shuffled.to(dtype)))
+    kept = int((t != 0).sum())
+    assert len(payload) < len(plain_payload) - kept // 8 // 2
+
+
+def test_flip_coded_signs_decode_with_bitmask_and_index_positions():
+    from prunekit.compress import _adjacent
+
+    mask = np.array([1, 1, 0, 1, 0, 0, 1, 1, 1, 0], dtype=bool)
+    expected = np.array([False, True, False, False, True, True])  # first kept element has no kept neighbour before it
+    assert _adjacent(mask, mask.size, int(mask.sum())).tolist() == expected.tolist()
+    assert _adjacent(np.flatnonzero(mask), mask.size, int(mask.sum())).tolist() == expected.tolist()
+    assert _adjacent(None, 4, 4).tolist() == [False, True, True, True]
+    half = smooth_signs((200, 300), 0.5)  # about half kept: positions as a bitmask
+    sparse = smooth_signs((200, 300), 0.95, flip_rate=0.002)  # gaps
+    for t, positions in ((half, "bitmask"), (sparse, "gaps")):
+        header, payload = encode(t)
+        assert (header["positions"], header["signs"]) == (positions, "flip")
+        assert torch.equal(bits(decode(header, payload)), bits(t))
+    random_signs = sparse_tensor((200, 300), 0.95, torch.float32)  # nothing to predict: classic layout
+    header, payload = encode(random_signs)
+    assert "signs" not in header and torch.equal(bits(decode(header, payload)), bits(random_signs))
+    header, payload = encode(half)
+    broken = dict(header, signs="zigzag")
+    with pytest.raises(CompressionError, match="unknown sign coding 'zigzag'"):
+        decode(broken, payload)
 
 
 def test_unknown_compress_argument_lists_choices():

@@ -10,7 +10,10 @@ Positions are coded either as the gaps between consecutive non-zeros (one byte p
 ``uint32``/``uint64`` side stream) or as a packed bitmask, whichever is smaller. Values are split so that the parts
 with structure are coded apart from the random-looking mantissa bits: for ``float32`` the 8 exponent bits, then the
 sign with the 7 top mantissa bits (coded *separately for each exponent value*, so their skew within an octave is
-captured), then the two low mantissa bytes; ``bfloat16`` likewise; other dtypes by byte plane. Each byte stream is
+captured), then the two low mantissa bytes; ``bfloat16`` likewise; other dtypes by byte plane. Where it is smaller,
+the signs of ``float32``/``bfloat16`` values are coded apart as *flips* against the previous kept value's sign, split
+by whether that value is its direct neighbour (``"signs": "flip"`` in the header): trained weights change sign rarely
+between neighbouring inputs (an MLP's first layer over image pixels), which saves most of a bit per such sign. Each byte stream is
 stored raw or with the smallest of Huffman coding (zlib, Huffman only), deflate and LZMA (raw LZMA2, only for
 streams up to :data:`LZMA_MAX_BYTES`, and only if it saves at least :data:`LZMA_MIN_GAIN`, because it decodes about
 ten times slower). All of it is Python's standard library (``zlib``, ``lzma``) plus numpy, vectorised.
@@ -370,36 +373,105 @@ def _value_layout(dtype: torch.dtype) -> str:
     return {torch.float32: "f32", torch.bfloat16: "bf16"}.get(dtype, "planes")
 
 
-def _put_values(w: _Writer, bits: np.ndarray, layout: str) -> None:
-    """Code unsigned-integer views of values (``bits``) split into planes."""
-    if layout == "f32":  # sign | exponent (8) | mantissa (23)
-        exponent = ((bits >> 23) & 0xFF).astype(np.uint8)
-        top = ((((bits >> 16) & 0x7F) << 1) | (bits >> 31)).astype(np.uint8)  # 7 top mantissa bits, then the sign
-        w.add(exponent)
-        _put_split(w, exponent, top)
-        w.add(((bits >> 8) & 0xFF).astype(np.uint8))
-        w.add((bits & 0xFF).astype(np.uint8))
-    elif layout == "bf16":  # sign | exponent (8) | mantissa (7)
-        exponent = ((bits >> 7) & 0xFF).astype(np.uint8)
-        w.add(exponent)
-        _put_split(w, exponent, ((((bits & 0x7F) << 1) | (bits >> 15)) & 0xFF).astype(np.uint8))
-    else:  # byte planes, most significant first; the second plane is coded per value of the first
-        size = bits.dtype.itemsize
-        planes = [((bits >> (8 * (size - 1 - k))) & 0xFF).astype(np.uint8) for k in range(size)]
-        w.add(planes[0])
-        if size > 1:
-            _put_split(w, planes[0], planes[1])
-        for plane in planes[2:]:
-            w.add(plane)
+def _adjacent(idx: np.ndarray | None, n: int, count: int) -> np.ndarray:
+    """For each kept element (in order), whether the element just before it in the flattened tensor is kept too.
+
+    ``idx`` is the kept elements' int64 indices, their bool mask over all ``n`` elements, or None (all kept)."""
+    if idx is None:
+        adj = np.ones(count, dtype=bool)
+    elif idx.dtype == bool:
+        before = np.zeros(n, dtype=bool)
+        before[1:] = idx[:-1]
+        return before[idx]
+    else:
+        adj = np.empty(count, dtype=bool)
+        adj[1:] = np.diff(idx) == 1
+    if count:
+        adj[0] = False
+    return adj
 
 
-def _get_values(r: _Reader, layout: str, itemsize: int, count: int) -> np.ndarray:
+def _put_flips(w: _Writer, sign: np.ndarray, adjacent: np.ndarray) -> None:
+    """Code sign bits as flips (sign XOR the previous kept value's sign), split by whether the two are neighbours.
+
+    Trained weights are locally smooth along the input dimension (an MLP's first layer over image pixels, a conv
+    kernel's taps), so a neighbour's sign predicts the next one; where nothing predicts it, the split costs nothing
+    more than the bits themselves (the encoder keeps the classic layout then)."""
+    flips = sign.copy()
+    flips[1:] ^= sign[:-1]
+    for part in (flips[~adjacent], flips[adjacent]):
+        w.add(np.packbits(part))
+
+
+def _get_flips(r: _Reader, adjacent: np.ndarray) -> np.ndarray:
+    flips = np.empty(adjacent.size, dtype=np.uint8)
+    for where in (~adjacent, adjacent):
+        k = int(where.sum())
+        packed = r.next()
+        if packed.size != (k + 7) // 8:
+            raise CompressionError(f"sign stream of {packed.size} bytes for {k} signs")
+        flips[where] = np.unpackbits(packed, count=k)
+    return np.bitwise_xor.accumulate(flips) if flips.size else flips
+
+
+FLIP_MIN_GAIN = 48  # bytes the flip-coded signs must save to be chosen (two more streams in the header)
+
+
+def _put_values(w: _Writer, bits: np.ndarray, layout: str, adjacent: np.ndarray | None = None) -> str | None:
+    """Code unsigned-integer views of values (``bits``) split into planes.
+
+    With ``adjacent`` (see :func:`_adjacent`), float32/bfloat16 signs are also tried as flips against the previous
+    kept value's sign (:func:`_put_flips`); returns ``"flip"`` if that was smaller and used, else None."""
+    if layout in ("f32", "bf16"):  # sign | exponent (8) | mantissa (23 or 7)
+        shift = 23 if layout == "f32" else 7
+        exponent = ((bits >> shift) & 0xFF).astype(np.uint8)
+        sign = (bits >> (31 if layout == "f32" else 15)).astype(np.uint8)
+        mantissa7 = ((bits >> 16) & 0x7F if layout == "f32" else bits & 0x7F).astype(np.uint8)  # top 7 mantissa bits
+        w.add(exponent)
+        classic = _Writer()
+        _put_split(classic, exponent, (mantissa7 << 1) | sign)
+        chosen, mode = classic, None
+        if adjacent is not None:
+            flip = _Writer()
+            _put_split(flip, exponent, mantissa7)
+            _put_flips(flip, sign, adjacent)
+            if flip.nbytes + FLIP_MIN_GAIN < classic.nbytes:
+                chosen, mode = flip, "flip"
+        w.streams += chosen.streams
+        w.parts += chosen.parts
+        if layout == "f32":
+            w.add(((bits >> 8) & 0xFF).astype(np.uint8))
+            w.add((bits & 0xFF).astype(np.uint8))
+        return mode
+    # byte planes, most significant first; the second plane is coded per value of the first
+    size = bits.dtype.itemsize
+    planes = [((bits >> (8 * (size - 1 - k))) & 0xFF).astype(np.uint8) for k in range(size)]
+    w.add(planes[0])
+    if size > 1:
+        _put_split(w, planes[0], planes[1])
+    for plane in planes[2:]:
+        w.add(plane)
+    return None
+
+
+def _get_values(r: _Reader, layout: str, itemsize: int, count: int, adjacent: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of :func:`_put_values`; ``adjacent`` is given exactly when the signs were coded as flips."""
     utype = _UINT[itemsize]
-    if layout == "f32":
+    if layout in ("f32", "bf16"):
         exponent = r.next()
-        top = _get_split(r, exponent)
+        if adjacent is None:
+            top = _get_split(r, exponent)
+        else:
+            if adjacent.size != count:
+                raise CompressionError(f"{adjacent.size} sign contexts for {count} values")
+            top = (_get_split(r, exponent) << 1) | _get_flips(r, adjacent)
+        if layout == "bf16":
+            if exponent.size != count or top.size != count:
+                raise CompressionError("value planes of different lengths")
+            top16 = top.astype(np.uint16)
+            return ((top16 & 1) << 15) | (exponent.astype(np.uint16) << 7) | (top16 >> 1)
         mid, low = r.next(), r.next()
-        if not exponent.size == mid.size == low.size == count:
+        if not exponent.size == top.size == mid.size == low.size == count:
             raise CompressionError("value planes of different lengths")
         if sys.byteorder != "little":  # pragma: no cover - all supported platforms are little-endian
             return ((top.astype(np.uint32) & 1) << 31) | (exponent.astype(np.uint32) << 23) | \
@@ -411,12 +483,6 @@ def _get_values(r: _Reader, layout: str, itemsize: int, count: int) -> np.ndarra
         out[:, 2] = ((exponent & 1) << 7) | (top >> 1)
         out[:, 3] = ((top & 1) << 7) | (exponent >> 1)
         return out.view(np.uint32).reshape(count)
-    if layout == "bf16":
-        exponent = r.next()
-        top = _get_split(r, exponent).astype(np.uint16)
-        if exponent.size != count:
-            raise CompressionError("value planes of different lengths")
-        return ((top & 1) << 15) | (exponent.astype(np.uint16) << 7) | (top >> 1)
     if layout != "planes":
         raise CompressionError(f"unknown value layout {layout!r}")
     planes = [r.next()]
@@ -613,7 +679,8 @@ def _put_coded_values(w: _Writer, h: dict[str, Any], t: torch.Tensor, bits: np.n
             w.add(centroids.view(np.uint8))
             w.add(index)
             return "kmeans"
-    _put_values(w, chosen, _value_layout(t.dtype))
+    if _put_values(w, chosen, _value_layout(t.dtype), _adjacent(idx, t.numel(), chosen.size)) == "flip":
+        h["signs"] = "flip"
     return "exact"
 
 
@@ -664,7 +731,11 @@ def decode(header: Mapping[str, Any], payload: bytes | memoryview | torch.Tensor
         r.done()
         return _from_bits(out_bits, dtype, shape)
     if codec == "exact":
-        values = _get_values(r, _value_layout(dtype), itemsize, count)
+        signs = header.get("signs")
+        if signs not in (None, "flip"):
+            raise CompressionError(f"unknown sign coding {signs!r}")
+        adjacent = _adjacent(idx, n, count) if signs == "flip" else None
+        values = _get_values(r, _value_layout(dtype), itemsize, count, adjacent)
         r.done()
         if idx is None:
             return _from_bits(values.copy(), dtype, shape)

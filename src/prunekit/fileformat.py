@@ -12,7 +12,9 @@ A file is an ordinary ``.safetensors`` file (any safetensors reader can open it)
 
 Version 1 files hold tensors as they are; version 2 files (written only with ``compression=...``) hold some tensors
 encoded, so a prunekit that reads only version 1 refuses them with a clear message instead of loading payload bytes as
-weights. Both versions are read here.
+weights. Version 3 is version 2 plus sign bits coded as flips (``"signs": "flip"`` in a tensor's codec entry,
+:func:`prunekit.compress.encode`); a compressed file is written as version 3 only when some tensor uses that, so files
+that do not need it stay readable by a version-2 prunekit. All three versions are read here.
 
 Writes are atomic: the file is written next to its destination under a temporary name, flushed to disk and renamed,
 so a crash leaves either the old file or the new one, never half of one. Nested Python state with tensors inside
@@ -58,8 +60,8 @@ __all__ = [
 ]
 
 FORMAT = "prunekit"
-VERSION = 2  # the newest version this prunekit writes (only compressed files need it)
-VERSIONS = (1, 2)  # the versions it reads
+VERSION = 3  # the newest version this prunekit writes (only compressed files with flip-coded signs need it)
+VERSIONS = (1, 2, 3)  # the versions it reads
 PAYLOAD = "prunekit.payload"  # the one tensor of a compressed (version 2) file
 
 
@@ -198,7 +200,8 @@ def write(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], met
         plain = {PAYLOAD: torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else
                  torch.empty(0, dtype=torch.uint8)}
         codecs_json = json.dumps(table, sort_keys=True, separators=(",", ":"))
-        header["prunekit.version"] = "2"
+        uses_flips = any(h.get("signs") for h in [*table["tensors"].values(), *table["packs"]])
+        header["prunekit.version"] = "3" if uses_flips else "2"
         header["prunekit.meta"] = _squeeze(meta_json)
         header["prunekit.codecs"] = _squeeze(codecs_json)
         header["prunekit.sha256"] = _checksum(plain, meta_json + "\0" + codecs_json)
@@ -250,7 +253,7 @@ def read(path: str | os.PathLike[str], *, kind: str | None = None,
             codecs_json, meta_json = _unsqueeze(codecs_json), _unsqueeze(meta_json)
         except (ValueError, zlib.error) as exc:
             raise FileFormatError(f"{path}: the header is corrupted ({exc}); re-create the file") from None
-    if (version == "2") != (codecs_json is not None):
+    if (version in ("2", "3")) != (codecs_json is not None):
         raise FileFormatError(f"{path}: version {version} file {'without' if codecs_json is None else 'with'} "
                               "codec table (corrupted header)")
     signed = meta_json if codecs_json is None else meta_json + "\0" + codecs_json
