@@ -17,6 +17,7 @@ can span several sessions. The plot ``llm_perplexity.png`` is redrawn after each
     ./run bench llm_perplexity.py                 # the whole grid (hours on a busy 2-core machine)
     ./run bench llm_perplexity.py --only dense wanda-50% sparsegpt-50%
     ./run bench llm_perplexity.py --quick         # 8 calibration sequences, 4 evaluation windows: a smoke test
+    ./run bench llm_perplexity.py --only wanda-50% --redo     # rerun a finished configuration after a code change
 """
 
 from __future__ import annotations
@@ -175,6 +176,9 @@ def run_one(key: str, quick: bool, eval_limit: int | None = None) -> dict[str, A
         windows = windows[:eval_limit]
     fp32_bytes = sum(p.numel() for p in model.parameters()) * 4
     record: dict[str, Any] = {"key": key, "method": method, "sparsity": sparsity, "pattern": pattern,
+                              # prunekit.llm.prune's default: Wanda's statistics from the dense model's activations,
+                              # SparseGPT's from the pruned blocks' outputs (benchmarks/llm_validation.py)
+                              "inputs": {"wanda": "dense", "sparsegpt": "pruned"}.get(method),
                               "calibration": list(calibration.shape), "eval_windows": len(windows),
                               "eval_tokens": sum(w.numel() for w in windows), "model_load_seconds": load_seconds,
                               "fp32_model_bytes": fp32_bytes}
@@ -212,6 +216,18 @@ def run_one(key: str, quick: bool, eval_limit: int | None = None) -> dict[str, A
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the grid, in the parent process
+
+
+def _git_revision() -> str | None:
+    """The commit the numbers come from (with ``+dirty`` when the tree has uncommitted changes)."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -313,6 +329,8 @@ def main() -> int:
     parser.add_argument("--eval-windows", type=int, default=None,
                         help="evaluate on the first N windows only (NOT the fixed protocol; writes "
                              "llm_perplexity_first<N>win.json)")
+    parser.add_argument("--redo", action="store_true",
+                        help="rerun the --only configurations even if they have results (after a change to the code)")
     parser.add_argument("--run", help=argparse.SUPPRESS)  # child mode: one configuration, JSON on stdout
     args = parser.parse_args()
     if args.run:
@@ -334,7 +352,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown configurations {unknown}; choose from {configurations()}")
     for key in keys:
-        if key in doc["runs"]:
+        if key in doc["runs"] and not (args.redo and args.only):
             print(f"{key}: done already (perplexity {doc['runs'][key]['perplexity']:.2f})", flush=True)
             continue
         print(f"{key}: running", flush=True)
@@ -347,6 +365,7 @@ def main() -> int:
             continue
         record = json.loads(lines[-1][len("RESULT "):])
         record["command"] = command
+        record["git"] = _git_revision()
         doc["runs"][key] = record
         _save(path, doc)
         print(f"{key}: perplexity {record['perplexity']:.2f}"

@@ -152,6 +152,56 @@ def test_block_inputs_equal_the_pruned_models_activations(family: str) -> None:
                 torch.testing.assert_close(seen[k][b], hidden[k], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_dense_inputs_equal_the_dense_models_activations(family: str) -> None:
+    model = tiny(family, layers=3)
+    data = [tokens(2, seed=s) for s in range(2)]
+    with torch.no_grad():
+        dense = [model(input_ids=ids, output_hidden_states=True).hidden_states for ids in data]
+    seen = []
+    gen = torch.Generator().manual_seed(0)
+    for block in sequential_blocks(model, data, progress=False, inputs="dense"):
+        seen.append([h.clone() for h in block.inputs.hidden])
+        block.run()  # keeps the outputs of the block as it is now (dense) for the next block
+        with pytest.raises(RuntimeError, match="runs once"):
+            block.run()
+        with torch.no_grad():
+            for layer in block_linears(block.module).values():
+                layer.weight.mul_(torch.rand(layer.weight.shape, generator=gen) > 0.5)
+    for k in range(3):
+        for b in range(len(data)):
+            torch.testing.assert_close(seen[k][b], dense[b][k], rtol=1e-5, atol=1e-5)
+    # the pruned model's own activations differ from what the later blocks were calibrated on
+    with torch.no_grad():
+        pruned = model(input_ids=data[0], output_hidden_states=True).hidden_states
+    assert not torch.allclose(pruned[2], seen[2][0], atol=1e-3)
+    with pytest.raises(ValueError, match="inputs='sparse'"):
+        next(sequential_blocks(model, data, progress=False, inputs="sparse"))
+
+
+def test_wanda_defaults_to_dense_inputs_and_matches_a_one_pass_oracle() -> None:
+    from prunekit.llm.criteria import wanda
+
+    model = tiny("llama", layers=3)
+    data = tokens(4)
+    pruned_inputs, oracle_model = copy.deepcopy(model), copy.deepcopy(model)
+    masks = prunekit.llm.prune(model, data, method="wanda", sparsity=0.5, progress=False)
+    # oracle: Wanda scores from one pass of the dense model (hooks on every linear of every block at once)
+    layers = {name: m for name, m in oracle_model.named_modules()
+              if isinstance(m, nn.Linear) and ".layers." in name}
+    stats = {name: InputStatistics(m.in_features) for name, m in layers.items()}
+    with record_inputs(layers, stats), torch.no_grad():
+        oracle_model(input_ids=data)
+    for name, layer in layers.items():
+        scores = wanda(layer.weight.detach(), stats[name].norms())
+        keep = scores > scores.kthvalue(scores.shape[1] // 2, dim=1, keepdim=True).values  # top half per row
+        assert torch.equal(masks[f"{name}.weight"], keep), name
+    other = prunekit.llm.prune(pruned_inputs, data, method="wanda", sparsity=0.5, progress=False, inputs="pruned")
+    assert not other.equal(masks)  # the later blocks see other activations, so some choices differ
+    with pytest.raises(ValueError, match="inputs='both'"):
+        prunekit.llm.prune(copy.deepcopy(oracle_model), data, method="wanda", sparsity=0.5, inputs="both")
+
+
 def test_runner_on_a_plain_module_with_a_block_list() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))

@@ -56,6 +56,28 @@ def test_llm_command_prunes_and_writes_everything(tiny_model_dir: Path, tmp_path
     assert (out / "report.txt").is_file() and (out / "report.json").is_file()
 
 
+@pytest.mark.parametrize("inputs", [None, "pruned", "dense"])
+def test_llm_command_passes_the_calibration_inputs_choice(tiny_model_dir: Path, tmp_path: Path, inputs: str | None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import prunekit.llm
+
+    seen = []
+    original = prunekit.llm.prune
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("inputs"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(prunekit.llm, "prune", spy)
+    text = tmp_path / "calibration.txt"
+    text.write_text("Emma Woodhouse, handsome, clever, and rich. " * 10, encoding="utf-8")
+    extra = [] if inputs is None else ["--inputs", inputs]
+    code = main(["llm", "--model", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--n-calibration",
+                 "2", "--seq-len", "16", "--eval", "none", "--calibration", str(text), "--out", str(tmp_path / "o"),
+                 "--quiet", *extra])
+    assert code == 0 and seen == [inputs]  # None: the library's default for the method
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -579,26 +579,48 @@ class Block:
         name: Fully qualified module name (``"model.layers.3"``).
         module: The block.
         inputs: The calibration inputs of this block (None outside :func:`sequential_blocks` or without data).
+        dense_inputs: Whether :meth:`run` keeps the block's (dense) outputs as the next block's inputs.
     """
 
     index: int
     name: str
     module: nn.Module
     inputs: BlockInputs | None = None
+    dense_inputs: bool = False
+    _ran: bool = field(default=False, repr=False)
 
     @torch.no_grad()
     def run(self) -> None:
-        """Run every calibration batch through the block, discarding the outputs (hooks see the activations)."""
+        """Run every calibration batch through the block (hooks see the activations).
+
+        Normally the outputs are discarded (the runner recomputes them from the pruned block when the caller moves
+        on). With ``sequential_blocks(..., inputs="dense")`` the first run keeps them, in place of the inputs, as
+        the next block's inputs: the block must then run exactly once, before it is changed.
+        """
         if self.inputs is None:
             raise RuntimeError(f"block {self.name} has no calibration inputs (sequential_blocks got no batches)")
+        if self.dense_inputs:
+            if self._ran:
+                raise RuntimeError(f"block {self.name} already ran: with inputs='dense' a block runs once (its "
+                                   "outputs replace its inputs), before it is pruned")
+            self._propagate()
+            self._ran = True
+            return
         for i in range(len(self.inputs.hidden)):
             self.inputs.call(self.module, i)
 
     @torch.no_grad()
     def propagate(self) -> None:
-        """Replace the stored inputs by this block's outputs (the inputs of the next block), batch by batch."""
-        if self.inputs is None:
+        """Replace the stored inputs by this block's outputs (the inputs of the next block), batch by batch.
+
+        With ``inputs="dense"`` this was already done by :meth:`run` (before pruning), so only a block that never
+        ran is run here."""
+        if self.inputs is None or self._ran:
             return
+        self._propagate()
+
+    def _propagate(self) -> None:
+        assert self.inputs is not None
         for i in range(len(self.inputs.hidden)):
             self.inputs.hidden[i] = self.inputs.call(self.module, i).detach()
 
@@ -685,13 +707,16 @@ def sequential_blocks(
     blocks: str | Sequence[str] | None = None,
     stream: SafetensorsStream | None = None,
     progress: bool | str = True,
+    inputs: str = "pruned",
 ) -> Iterator[Block]:
     """Yield the blocks of ``model`` one at a time, keeping each block's calibration inputs up to date.
 
     While a block is yielded, its ``inputs`` hold the outputs of all earlier blocks *as they are now* (pruned); the
     caller may run it (:meth:`Block.run`) with hooks and change its weights. When the caller asks for the next block,
     the runner recomputes this block's outputs (:meth:`Block.propagate`) in place of its inputs, and, with a
-    ``stream``, writes the block out and frees it.
+    ``stream``, writes the block out and frees it. With ``inputs="dense"``, :meth:`Block.run` keeps the outputs of
+    the block as it was before the caller changed it, so every block sees the *dense* model's activations (one
+    forward pass per block instead of two, same memory).
 
     Args:
         model: The model (in eval mode for calibration; the runner does not change the mode).
@@ -700,11 +725,16 @@ def sequential_blocks(
         blocks: Which blocks (see :func:`find_blocks`).
         stream: Load each block from a safetensors checkpoint and write it out after (models larger than memory).
         progress: Show a progress bar (a string sets its description).
+        inputs: ``"pruned"`` (each block sees the outputs of the already-pruned blocks before it) or ``"dense"``
+            (each block sees the dense model's activations).
 
     Yields:
         :class:`Block` objects in execution order.
     """
     from tqdm.auto import tqdm
+
+    if inputs not in ("pruned", "dense"):
+        raise ValueError(f"inputs={inputs!r}: choose 'pruned' (outputs of the pruned blocks before) or 'dense'")
 
     found = find_blocks(model, blocks)
     if batches is not None:
@@ -713,16 +743,16 @@ def sequential_blocks(
             check_chained(model, found, batches[0])
     if stream is not None:
         stream.begin(model, found)
-    inputs = capture_block_inputs(model, found[0].module, batches) if batches is not None else None
+    block_inputs = capture_block_inputs(model, found[0].module, batches) if batches is not None else None
     desc = progress if isinstance(progress, str) else "blocks"
     bar = tqdm(total=len(found), desc=desc, unit="block", disable=progress is False, leave=False)
     try:
         for block in found:
-            block.inputs = inputs
+            block.inputs, block.dense_inputs, block._ran = block_inputs, inputs == "dense", False
             if stream is not None:
                 stream.load(model, block)
             yield block
-            if inputs is not None and block.index + 1 < len(found):
+            if block_inputs is not None and block.index + 1 < len(found):
                 block.propagate()
             if stream is not None:
                 stream.release(model, block)

@@ -38,6 +38,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "(linear from the first block to the last); replaces --sparsity")
     p.add_argument("--allocation", default=None, choices=["per_row", "uniform"],
                    help="compare magnitude/Wanda scores per output row (default) or over the whole layer")
+    p.add_argument("--inputs", default=None, choices=["pruned", "dense"],
+                   help="activations the statistics come from: outputs of the already-pruned blocks, or the dense "
+                        "model's (default: dense for wanda, pruned for sparsegpt)")
     p.add_argument("--skip", nargs="*", default=[],
                    help="layers never pruned (names, suffixes such as down_proj, globs)")
     p.add_argument("--calibration", default="austen",
@@ -133,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
     masks = prunekit.llm.prune(
         model, calibration, method=args.method, sparsity=args.sparsity if blocks is None else None,
         pattern=args.pattern, block_sparsity=blocks, allocation=args.allocation, skip=args.skip,
-        batch_size=args.batch_size, progress=progress,
+        batch_size=args.batch_size, progress=progress, inputs=args.inputs,
     )
     metrics["prune_seconds"] = time.perf_counter() - t0
     metrics["achieved_sparsity"] = masks.sparsity()
