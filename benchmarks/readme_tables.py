@@ -651,8 +651,16 @@ def render_large_sparse_vs_small_dense(doc: dict[str, Any]) -> tuple[str, list[s
 def render_llm_perplexity(doc: dict[str, Any]) -> tuple[str, list[str]]:
     runs = {k: r for k, r in as_dict(doc.get("runs")).items() if isinstance(r, dict)}
     dense = dig(runs, "dense", "perplexity", default=dig(doc, "summary", "dense_perplexity"))
+
+    def order(key: str) -> tuple[int, str, float]:  # dense, then each method's N:M row, then its sparsities
+        r = runs[key]
+        sparsity = r.get("sparsity")
+        return (0 if key == "dense" else 1, str(r.get("method", key)),
+                -1.0 if not is_number(sparsity) else float(sparsity))
+
     rows = []
-    for key, r in runs.items():
+    for key in sorted(runs, key=order):
+        r = runs[key]
         wall, cpu = r.get("prune_wall_seconds"), r.get("prune_cpu_seconds")
         loads = [v for v in as_list(r.get("loadavg_1min_before_after")) if is_number(v)]
         time_text = MISSING if key == "dense" else fmt_seconds(wall)
@@ -676,7 +684,38 @@ def render_llm_perplexity(doc: dict[str, Any]) -> tuple[str, list[str]]:
             goal_lines.append(f"- {name.replace('<=', '≤')}: {value} — {fmt_status(g.get('met'))}")
     if goal_lines:
         lines += ["", "Goals:", "", *goal_lines]
+    sweep: dict[float, dict[str, Any]] = {}
+    for r in runs.values():
+        if is_number(r.get("sparsity")) and not r.get("pattern") and isinstance(r.get("method"), str):
+            sweep.setdefault(float(r["sparsity"]), {})[r["method"]] = r.get("perplexity")
+    if len(sweep) > 1:
+        methods = [m for m in ("magnitude", "wanda", "sparsegpt") if any(m in v for v in sweep.values())]
+
+        def cell(value: Any) -> str:
+            if not is_number(value):
+                return MISSING
+            return f"{value:.1f} ({fmt_ratio(ratio_of(value, dense))})" if is_number(dense) else f"{value:.1f}"
+
+        lines += ["", "Perplexity vs sparsity (× dense; plot: `benchmarks/results/llm_perplexity.png`):", ""]
+        lines += md_table(["sparsity", *methods],
+                          [[fmt_sparsity(sp), *(cell(sweep[sp].get(m)) for m in methods)] for sp in sorted(sweep)])
     return "LLM one-shot pruning: perplexity and cost", lines
+
+
+@renders("llm_validation.json")
+def render_llm_validation(doc: dict[str, Any]) -> tuple[str, list[str]]:
+    """The validation runs behind prunekit.llm.prune's defaults (never the test novel)."""
+    runs = {k: r for k, r in as_dict(doc.get("runs")).items() if isinstance(r, dict)}
+    dense = dig(runs, "dense", "validation_perplexity")
+    rows = [[key, f"{r['validation_perplexity']:.2f}" if is_number(r.get("validation_perplexity")) else NOT_MEASURED,
+             MISSING if key == "dense" else fmt_ratio(ratio_of(r.get("validation_perplexity"), dense)),
+             MISSING if key == "dense" else fmt_seconds(r.get("prune_wall_seconds"))] for key, r in runs.items()]
+    val = as_dict(doc.get("validation"))
+    where = (f"{val.get('windows', NOT_MEASURED)} windows of {val.get('window_tokens', NOT_MEASURED)} tokens from "
+             f"{val.get('novel', NOT_MEASURED)}, none overlapping the calibration text")
+    lines = [f"SmolLM2-135M, 50% unstructured, the fixed calibration set; validation perplexity on {where}.", ""]
+    lines += md_table(["variant", "validation perplexity", "× dense", "prune wall time"], rows)
+    return "LLM defaults chosen on validation text", lines
 
 
 @renders("lottery.json")

@@ -135,7 +135,8 @@ def test_disk_size_shows_goal_rows_and_names_the_others(goals):
     doc = {"rows": [dict(row, sparsity=0.0, ratio_vs_xz=1.1), dict(row, sparsity=0.9, ratio_vs_xz=1.1951)],
            "goals": {"vs_xz_at_90_95": {"lenet300@0.9": 1.1951}, "load_faster_than_gunzip": {"a": False, "b": True}}}
     _, lines = rt.render_disk_size(doc)
-    row = "| lenet300 | 90% | 1.07 MB | 129 KB | 115 KB | 96.6 KB | 1.195x | ≥ 1.2x | not met | 24 ms / 18 ms / 2.1 ms |"
+    row = ("| lenet300 | 90% | 1.07 MB | 129 KB | 115 KB | 96.6 KB | 1.195x | ≥ 1.2x | not met "
+           "| 24 ms / 18 ms / 2.1 ms |")
     assert table_rows(lines) == [row]
     assert "The JSON also holds 0% sparsity." in lines
     assert ("`prunekit.load` (read, verify, decode, load into the model) faster than both the gunzip command and an "
@@ -179,6 +180,30 @@ def test_llm_perplexity_rows_and_goals():
     assert table_rows(lines) == ["| dense | — | 10.00 | — | — | — |",
                                  "| wanda-50% | 50% | 18.44 | 1.84x | 120 s (CPU 200 s) | 0.50x |"]
     assert "- wanda 50% perplexity ≤ 1.8x dense: 1.84x — not met" in lines
+
+
+def test_llm_perplexity_sweep_table_and_row_order():
+    def run(method, sparsity, ppl, pattern=None):
+        return {"method": method, "sparsity": sparsity, "pattern": pattern, "perplexity": ppl,
+                "achieved_sparsity": sparsity or 0.5}
+
+    doc = {"runs": {"wanda-50%": run("wanda", 0.5, 18.0), "dense": {"method": "dense", "perplexity": 10.0},
+                    "wanda-30%": run("wanda", 0.3, 12.0), "magnitude-30%": run("magnitude", 0.3, 15.0),
+                    "wanda-2:4": run("wanda", None, 40.0, "2:4")}}
+    _, lines = rt.render_llm_perplexity(doc)
+    keys = [row.split(" | ")[0].lstrip("| ") for row in table_rows(lines)[:5]]
+    assert keys == ["dense", "magnitude-30%", "wanda-2:4", "wanda-30%", "wanda-50%"]
+    assert table_rows(lines)[5:] == ["| sparsity | magnitude | wanda |", "| 30% | 15.0 (1.50x) | 12.0 (1.20x) |",
+                                     "| 50% | — | 18.0 (1.80x) |"]
+
+
+def test_llm_validation_table():
+    doc = {"validation": {"novel": "emma", "windows": 4, "window_tokens": 512},
+           "runs": {"dense": {"validation_perplexity": 20.0},
+                    "wanda/inputs=dense": {"validation_perplexity": 30.0, "prune_wall_seconds": 60.0}}}
+    _, lines = rt.render_llm_validation(doc)
+    assert table_rows(lines) == ["| dense | 20.00 | — | — |", "| wanda/inputs=dense | 30.00 | 1.50x | 60 s |"]
+    assert "4 windows of 512 tokens from emma" in lines[0]
 
 
 def test_missing_keys_render_not_measured_and_a_cell_table_escapes_pipes():

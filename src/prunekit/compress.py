@@ -13,10 +13,11 @@ sign with the 7 top mantissa bits (coded *separately for each exponent value*, s
 captured), then the two low mantissa bytes; ``bfloat16`` likewise; other dtypes by byte plane. Where it is smaller,
 the signs of ``float32``/``bfloat16`` values are coded apart as *flips* against the previous kept value's sign, split
 by whether that value is its direct neighbour (``"signs": "flip"`` in the header): trained weights change sign rarely
-between neighbouring inputs (an MLP's first layer over image pixels), which saves most of a bit per such sign. Each byte stream is
-stored raw or with the smallest of Huffman coding (zlib, Huffman only), deflate and LZMA (raw LZMA2, only for
-streams up to :data:`LZMA_MAX_BYTES`, and only if it saves at least :data:`LZMA_MIN_GAIN`, because it decodes about
-ten times slower). All of it is Python's standard library (``zlib``, ``lzma``) plus numpy, vectorised.
+between neighbouring inputs (an MLP's first layer over image pixels), which saves most of a bit per such sign.
+
+Each byte stream is stored raw or with the smallest of Huffman coding (zlib, Huffman only), deflate and LZMA (raw
+LZMA2, only for streams up to :data:`LZMA_MAX_BYTES`, and only if it saves at least :data:`LZMA_MIN_GAIN`, because it
+decodes about ten times slower). All of it is Python's standard library (``zlib``, ``lzma``) plus numpy, vectorised.
 
 Lossless means bit-exact for every element, with one documented exception: negative zeros (``-0.0``, which pruning
 by multiplication leaves where negative weights were zeroed; ``-0.0 == 0.0``) come back as ``+0.0`` unless
@@ -462,8 +463,9 @@ def _get_values(r: _Reader, layout: str, itemsize: int, count: int, adjacent: np
         if adjacent is None:
             top = _get_split(r, exponent)
         else:
-            if adjacent.size != count:
-                raise CompressionError(f"{adjacent.size} sign contexts for {count} values")
+            if adjacent.size != count or exponent.size != count:
+                raise CompressionError(f"{exponent.size} exponents and {adjacent.size} sign contexts for {count} "
+                                       "values")
             top = (_get_split(r, exponent) << 1) | _get_flips(r, adjacent)
         if layout == "bf16":
             if exponent.size != count or top.size != count:
