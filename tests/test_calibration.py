@@ -202,6 +202,18 @@ def test_wanda_defaults_to_dense_inputs_and_matches_a_one_pass_oracle() -> None:
         prunekit.llm.prune(copy.deepcopy(oracle_model), data, method="wanda", sparsity=0.5, inputs="both")
 
 
+def test_freed_memory_is_released_after_every_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    import prunekit.calibration as calibration
+
+    calibration.release_freed_memory()  # callable on any platform (a no-op without glibc)
+    calls = []
+    monkeypatch.setattr(calibration, "release_freed_memory", lambda: calls.append(1))
+    model = tiny("llama", layers=3)
+    for _ in sequential_blocks(model, [tokens(2)], progress=False):
+        pass
+    assert len(calls) == 3
+
+
 def test_runner_on_a_plain_module_with_a_block_list() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))

@@ -55,7 +55,10 @@ Examples:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import fnmatch
+import functools
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -700,6 +703,31 @@ class BlockSource(Protocol):
     def release(self, model: nn.Module, block: Block) -> None: ...
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None on other C libraries."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_freed_memory() -> None:
+    """Give memory that was freed back to the operating system (glibc's ``malloc_trim(0)``; a no-op elsewhere).
+
+    A block's temporaries (scores, sorted rows, activations of a few MB each) come from glibc's heap once its dynamic
+    mmap threshold has risen, and freed heap pages stay in the process: measured on SmolLM2-135M, magnitude pruning's
+    extra peak RSS varied from 0.14 to 0.41 GB between identical runs, against 0.12 GB of masks. Trimming after each
+    block keeps the peak near model + masks + one block.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def sequential_blocks(
     model: nn.Module,
     batches: Iterable[Any] | None,
@@ -757,6 +785,7 @@ def sequential_blocks(
             if stream is not None:
                 stream.release(model, block)
             block.inputs = None
+            release_freed_memory()
             bar.update(1)
         if stream is not None:
             stream.finish(model)
