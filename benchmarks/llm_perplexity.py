@@ -223,8 +223,9 @@ def _git_revision() -> str | None:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!benchmarks/results"],  # results being written do not make the code dirty
+                               cwd=HERE.parent, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return rev + ("+dirty" if dirty else "")
@@ -366,6 +367,9 @@ def main() -> int:
         record = json.loads(lines[-1][len("RESULT "):])
         record["command"] = command
         record["git"] = _git_revision()
+        if key in doc["runs"]:  # --redo: the earlier measurement stays in the file, marked as superseded
+            doc.setdefault("superseded", []).append({"key": key, "replaced_by_git": record["git"],
+                                                     "record": doc["runs"][key]})
         doc["runs"][key] = record
         _save(path, doc)
         print(f"{key}: perplexity {record['perplexity']:.2f}"
