@@ -684,6 +684,16 @@ def render_llm_perplexity(doc: dict[str, Any]) -> tuple[str, list[str]]:
             goal_lines.append(f"- {name.replace('<=', '≤')}: {value} — {fmt_status(g.get('met'))}")
     if goal_lines:
         lines += ["", "Goals:", "", *goal_lines]
+    old = [e for e in as_list(doc.get("superseded")) if isinstance(e, dict) and isinstance(e.get("record"), dict)]
+    if old:
+        lines += ["", "Rerun after a code change (`--redo`); the earlier measurements stay in the JSON:", ""]
+        for e in old:
+            r = e["record"]
+            lines.append(f"- {e.get('key')}: perplexity {r.get('perplexity', NOT_MEASURED):.2f}, prune "
+                         f"{fmt_seconds(r.get('prune_wall_seconds'))}, extra peak RSS "
+                         f"{fmt_ratio(r.get('extra_peak_rss_over_fp32'))} (git {r.get('git') or 'not recorded'}; "
+                         f"rerun at {e.get('replaced_by_git') or 'not recorded'})"
+                         if is_number(r.get("perplexity")) else f"- {e.get('key')}: {NOT_MEASURED}")
     sweep: dict[float, dict[str, Any]] = {}
     for r in runs.values():
         if is_number(r.get("sparsity")) and not r.get("pattern") and isinstance(r.get("method"), str):

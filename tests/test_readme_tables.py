@@ -197,6 +197,16 @@ def test_llm_perplexity_sweep_table_and_row_order():
                                      "| 50% | — | 18.0 (1.80x) |"]
 
 
+def test_llm_perplexity_lists_superseded_measurements():
+    doc = {"runs": {"dense": {"perplexity": 10.0}},
+           "superseded": [{"key": "sparsegpt-40%", "replaced_by_git": "abc1234",
+                           "record": {"perplexity": 12.5, "prune_wall_seconds": 224.0,
+                                      "extra_peak_rss_over_fp32": 1.4}}]}
+    _, lines = rt.render_llm_perplexity(doc)
+    assert ("- sparsegpt-40%: perplexity 12.50, prune 224 s, extra peak RSS 1.40x (git not recorded; rerun at "
+            "abc1234)") in lines
+
+
 def test_llm_validation_table():
     doc = {"validation": {"novel": "emma", "windows": 4, "window_tokens": 512},
            "runs": {"dense": {"validation_perplexity": 20.0},
