@@ -38,6 +38,7 @@ from typing import Any, Self
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 RESULTS = HERE / "results"
 NAME = "llm_perplexity"
 
@@ -155,6 +156,7 @@ def run_one(key: str, quick: bool, eval_limit: int | None = None) -> dict[str, A
     import prunekit.llm
     from prunekit.data.llm import smollm2
     from prunekit.data.text import NOVELS, calibration_windows, eval_windows
+    from prunekit.llm.prune import DEFAULT_INPUTS
 
     method, sparsity, pattern = parse_key(key)
     t0 = time.perf_counter()
@@ -176,9 +178,7 @@ def run_one(key: str, quick: bool, eval_limit: int | None = None) -> dict[str, A
         windows = windows[:eval_limit]
     fp32_bytes = sum(p.numel() for p in model.parameters()) * 4
     record: dict[str, Any] = {"key": key, "method": method, "sparsity": sparsity, "pattern": pattern,
-                              # prunekit.llm.prune's default: Wanda's statistics from the dense model's activations,
-                              # SparseGPT's from the pruned blocks' outputs (benchmarks/llm_validation.py)
-                              "inputs": {"wanda": "dense", "sparsegpt": "pruned"}.get(method),
+                              "inputs": DEFAULT_INPUTS.get(method),  # prunekit.llm.prune's default for the method
                               "calibration": list(calibration.shape), "eval_windows": len(windows),
                               "eval_tokens": sum(w.numel() for w in windows), "model_load_seconds": load_seconds,
                               "fp32_model_bytes": fp32_bytes}
@@ -219,16 +219,12 @@ def run_one(key: str, quick: bool, eval_limit: int | None = None) -> dict[str, A
 
 
 def _git_revision() -> str | None:
-    """The commit the numbers come from (with ``+dirty`` when the tree has uncommitted changes)."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":!benchmarks/results"],  # results being written do not make the code dirty
-                               cwd=HERE.parent, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return rev + ("+dirty" if dirty else "")
+    """The commit the numbers come from (with ``+dirty`` when code, not results being written, has changes)."""
+    from _common import _git
+
+    rev = _git("rev-parse", "--short", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
+    return None if rev is None else rev + ("+dirty" if dirty else "")
 
 
 def _load(path: Path) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import llm_perplexity as lp  # noqa: E402
 
-from prunekit.reproduce.store import command_line, environment  # noqa: E402
+from prunekit.reproduce.store import ResultStore  # noqa: E402
 
 NAME = "llm_validation"
 VALIDATION_NOVEL = "northangerabbey"
@@ -79,6 +78,8 @@ def run_variant(method: str, inputs: str | None, calibration: torch.Tensor, wind
     import prunekit.llm
     from prunekit.data.llm import smollm2
 
+    import time
+
     torch.manual_seed(0)
     model, _ = smollm2()
     t0 = time.perf_counter()
@@ -99,37 +100,28 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from prunekit.data.llm import smollm2
     from prunekit.data.text import NOVELS, calibration_windows
-    from prunekit.fileformat import write_text
 
     _, tokenizer = smollm2()
     tokens = lp._tokens(tokenizer)
     calibration = calibration_windows([tokens[n] for n in NOVELS if n != "persuasion"], n=128, length=512, seed=0)
     windows, info = validation_windows(tokens, calibration)
-    path = lp.RESULTS / f"{NAME}.json"
-    doc = json.loads(path.read_text()) if path.is_file() else {"benchmark": NAME, "protocol": __doc__.split("\n\n")[1],
-                                                              "commands": [], "runs": {}}
-    doc["validation"] = info
-    cmd = command_line()
-    if cmd not in doc["commands"]:
-        doc["commands"].append(cmd)
+    store = ResultStore(lp.RESULTS / f"{NAME}.json", NAME, {"protocol": __doc__.split("\n\n")[1], "validation": info})
     variants = [("dense", None), ("wanda", "pruned"), ("wanda", "dense")]
     if args.sparsegpt:
         variants += [("sparsegpt", "pruned"), ("sparsegpt", "dense")]
     for method, inputs in variants:
         key = method if inputs is None else f"{method}/inputs={inputs}"
-        if key in doc["runs"]:
+        if store.done(key):
             print(f"{key}: done before, skipped")
             continue
-        rec = run_variant(method, inputs, calibration, windows)
-        rec.update(environment=environment(), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        doc["runs"][key] = rec
-        dense = doc["runs"].get("dense", {}).get("validation_perplexity")
-        doc["summary"] = {k: {"validation_perplexity": r["validation_perplexity"],
-                              "ratio_to_dense": r["validation_perplexity"] / dense if dense else None,
-                              "prune_wall_seconds": r["prune_wall_seconds"]} for k, r in doc["runs"].items()}
-        write_text(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        print(f"{key}: validation perplexity {rec['validation_perplexity']:.2f}", flush=True)
-    print(json.dumps(doc["summary"], indent=1))
+        store.put(key, run_variant(method, inputs, calibration, windows))
+        print(f"{key}: validation perplexity {store.runs[key]['validation_perplexity']:.2f}", flush=True)
+    dense = store.runs.get("dense", {}).get("validation_perplexity")
+    store.doc["summary"] = {k: {"validation_perplexity": r["validation_perplexity"],
+                                "ratio_to_dense": r["validation_perplexity"] / dense if dense else None,
+                                "prune_wall_seconds": r["prune_wall_seconds"]} for k, r in store.runs.items()}
+    store.save()
+    print(json.dumps(store.doc["summary"], indent=1))
     return 0
 
 

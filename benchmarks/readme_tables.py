@@ -720,7 +720,7 @@ def render_llm_validation(doc: dict[str, Any]) -> tuple[str, list[str]]:
     rows = [[key, f"{r['validation_perplexity']:.2f}" if is_number(r.get("validation_perplexity")) else NOT_MEASURED,
              MISSING if key == "dense" else fmt_ratio(ratio_of(r.get("validation_perplexity"), dense)),
              MISSING if key == "dense" else fmt_seconds(r.get("prune_wall_seconds"))] for key, r in runs.items()]
-    val = as_dict(doc.get("validation"))
+    val = as_dict(dig(doc, "meta", "validation"))
     where = (f"{val.get('windows', NOT_MEASURED)} windows of {val.get('window_tokens', NOT_MEASURED)} tokens from "
              f"{val.get('novel', NOT_MEASURED)}, none overlapping the calibration text")
     lines = [f"SmolLM2-135M, 50% unstructured, the fixed calibration set; validation perplexity on {where}.", ""]

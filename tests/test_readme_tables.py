@@ -208,7 +208,7 @@ def test_llm_perplexity_lists_superseded_measurements():
 
 
 def test_llm_validation_table():
-    doc = {"validation": {"novel": "emma", "windows": 4, "window_tokens": 512},
+    doc = {"meta": {"validation": {"novel": "emma", "windows": 4, "window_tokens": 512}},
            "runs": {"dense": {"validation_perplexity": 20.0},
                     "wanda/inputs=dense": {"validation_perplexity": 30.0, "prune_wall_seconds": 60.0}}}
     _, lines = rt.render_llm_validation(doc)

@@ -182,6 +182,10 @@ def _check_skip(model: nn.Module, skip: Iterable[str]) -> list[str]:
     return patterns
 
 
+#: Which activations each calibrated method's statistics come from when ``prune(inputs=None)`` (see ``inputs``).
+DEFAULT_INPUTS = {"wanda": "dense", "sparsegpt": "pruned"}
+
+
 def prune(
     model: nn.Module,
     calibration: torch.Tensor | Iterable[Any] | None = None,
@@ -275,7 +279,7 @@ def prune(
             raise ValueError(f"unknown allocation {allocation!r}; choose one of {sorted(_ALLOCATIONS)}")
     select_rule = _ALLOCATIONS[allocation or "per_row"]
     if inputs is None:
-        inputs = "dense" if method == "wanda" else "pruned"
+        inputs = DEFAULT_INPUTS.get(method, "pruned")  # magnitude uses no calibration data
     if inputs not in ("pruned", "dense"):
         raise ValueError(f"inputs={inputs!r}: choose 'pruned' (outputs of the already-pruned blocks) or 'dense'")
     if (checkpoint is None) != (out is None):
