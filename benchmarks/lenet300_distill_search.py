@@ -44,6 +44,10 @@ VARIANTS: dict[str, dict[str, object]] = {
     "ramp end 0.8": {"end": 0.8},
     "global allocation": {"allocation": "global"},
     "lamp allocation": {"allocation": "lamp"},
+    "batch 64": {"batch_size": 64},
+    "batch 32": {"batch_size": 32},
+    "weight decay 1e-4": {"weight_decay": 1e-4},
+    "weight decay 5e-4": {"weight_decay": 5e-4},
 }
 
 
@@ -52,10 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 3,000 images, 1+1 epochs, 2 variants")
     ap.add_argument("--sparsity", type=float, default=0.995)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", nargs="*", default=None, help="run only these variants (names as in the table)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     subset, dense_epochs = (3000, 1) if args.quick else (None, 10)
     variants = dict(list(VARIANTS.items())[:2]) if args.quick else VARIANTS
+    if args.only:
+        unknown = sorted(set(args.only) - set(VARIANTS))
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
+        variants = {k: v for k, v in VARIANTS.items() if k in args.only}
     out = Path("/tmp/prunekit-bench-quick" if args.quick else RESULTS) / "lenet300_distill_search.json"
     store = ResultStore(out, "lenet300_distill_search", {
         "model": "lenet300", "train_split": "train", "eval_split": "val", "sparsity": args.sparsity,

@@ -165,3 +165,58 @@ def test_bool_masks_survive_and_file_is_small(tmp_path):
     path = save(model, tmp_path / "m.safetensors", pruner=pruner)
     # 4 MB of fp32 weights + 1 MB of bool masks (+ header)
     assert os.path.getsize(path) < 5_000_000 + 10_000
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_load_writes_in_place_and_a_file_that_does_not_fit_writes_nothing(tmp_path, compress):
+    from prunekit.checkpoint import _plain
+
+    model, pruner, opt, sched = make(0)
+    run(model, pruner, opt, sched, steps=25, seed=0)  # masks well under way
+    path = save(model, tmp_path / "m.pk", pruner=pruner, compress=compress)
+    fresh = net(1)
+    assert _plain(fresh)  # Linear + BatchNorm: loaded without load_state_dict's per-module bookkeeping
+    params = {k: p for k, p in fresh.named_parameters()}
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    ck = load(path, fresh)
+    assert all(p is params[k] for k, p in fresh.named_parameters())  # same Parameter objects (optimizers keep working)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in fresh.state_dict().items())
+    assert torch.equal(ck.pruner.masks["0.weight"], pruner.masks["0.weight"])
+    # another width: refused before anything is decoded or copied
+    other = net(2, hidden=33)
+    other_before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load(path, other)
+    assert all(torch.equal(v, other_before[k]) for k, v in other.state_dict().items())
+    assert not all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_modules_with_their_own_loading_logic_go_through_load_state_dict(tmp_path, compress):
+    from prunekit.checkpoint import _plain
+
+    class Scaled(nn.Linear):
+        """Stores its weight doubled and halves it again when loading (custom save/load logic)."""
+
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            destination[prefix + "weight"] = destination[prefix + "weight"] * 2
+
+        def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+            state_dict = dict(state_dict)
+            state_dict[prefix + "weight"] = state_dict[prefix + "weight"] / 2
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Scaled(8, 4), nn.ReLU())
+    path = save(model, tmp_path / "s.pk", compress=compress)
+    fresh = nn.Sequential(Scaled(8, 4), nn.ReLU())
+    assert not _plain(fresh)
+    load(path, fresh)
+    assert torch.equal(fresh[0].weight, model[0].weight)
+    hooked = net(1)
+    calls = []
+    hooked[0]._register_load_state_dict_pre_hook(lambda *a, **k: calls.append(a[1]))
+    assert not _plain(hooked)
+    load(save(net(0), tmp_path / "h.pk", compress=compress), hooked)
+    assert calls == ["0."] and torch.equal(hooked[0].weight, net(0)[0].weight)

@@ -302,3 +302,114 @@ def test_unknown_compress_argument_lists_choices():
     with pytest.raises(ValueError, match="bits"):
         Compression("kmeans", bits=9)
     assert math.isclose(Compression.parse(True).bits, 5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the compiled float32 decoder against the NumPy one
+
+
+def _decode_both(header, payload, **kwargs):
+    """(NumPy decoder result, compiled decoder result) of prunekit.compress._decode."""
+    from prunekit import compress
+
+    saved = list(compress._NATIVE)
+    try:
+        compress._NATIVE[:] = [None]
+        numpy_result = compress._decode(header, payload, **kwargs)
+        compress._NATIVE[:] = []
+        assert compress._native() is not None, "the native library should build on this machine (g++ is there)"
+        native_result = compress._decode(header, payload, **kwargs)
+    finally:
+        compress._NATIVE[:] = saved
+    return numpy_result, native_result
+
+
+def float32_cases():
+    g = torch.Generator().manual_seed(3)
+    half = sparse_tensor((300, 300), 0.5, torch.float32)
+    negzero = torch.randn(64, 64, generator=g) * (torch.rand(64, 64, generator=g) > 0.7)  # -0.0 where pruned
+    return {
+        "values": torch.randn(300, 300, generator=g),
+        "values-flip": smooth_signs((128, 512), 0.0),
+        "bitmask": half,
+        "bitmask-flip": smooth_signs((200, 300), 0.5),
+        "gaps": sparse_tensor((300, 784), 0.95, torch.float32),
+        "gaps-flip": smooth_signs((200, 300), 0.95, flip_rate=0.002),
+        "escaped-gaps": sparse_tensor((1, 200_000), 0.999, torch.float32),
+        "live-gaps": torch.cat([torch.zeros(300, 400), sparse_tensor((300, 384), 0.8, torch.float32)], dim=1),
+        "empty": torch.zeros(40, 50),
+        "one": torch.zeros(1000).index_fill_(0, torch.tensor([999]), -3.5),
+        "last-bit": torch.zeros(13).index_fill_(0, torch.tensor([0, 12]), 1.25),
+        "special": torch.tensor([0.0, float("nan"), float("inf"), -float("inf"), 1e-45, 0.0, -0.0, 3.0] * 300),
+        "negative-zeros": negzero,
+    }
+
+
+@pytest.mark.parametrize("name", list(float32_cases()))
+def test_compiled_decoder_equals_numpy_decoder_and_writes_in_place(name):
+    t = float32_cases()[name]
+    header, payload = encode(t)
+    expected = torch.where(t == 0, torch.zeros_like(t), t)  # -0.0 comes back as +0.0
+    (a, keep_a), (b, keep_b) = _decode_both(header, payload, want_keep=True)
+    assert torch.equal(bits(a), bits(expected)) and torch.equal(bits(b), bits(expected)), name
+    if header["layout"] == "sparse":
+        assert np.array_equal(keep_a, keep_b) and np.array_equal(keep_a, (t != 0).reshape(-1).numpy())
+    else:
+        assert keep_a is None and keep_b is None
+    for native in (False, True):  # decoding into a destination tensor: the same bits, in the same tensor object
+        from prunekit import compress
+
+        saved = list(compress._NATIVE)
+        compress._NATIVE[:] = [] if native else [None]
+        try:
+            dest = torch.full_like(t, 7.0)
+            out, _ = compress._decode(header, payload, into=dest)
+            assert out is dest and torch.equal(bits(dest), bits(expected))
+            wrong = torch.full((t.numel() + 1,), 7.0)  # no fit: a new tensor, the destination untouched
+            out, _ = compress._decode(header, payload, into=wrong)
+            assert out is not wrong and bool((wrong == 7.0).all())
+        finally:
+            compress._NATIVE[:] = saved
+
+
+def test_compiled_decoder_refuses_inconsistent_streams_like_the_numpy_decoder():
+    """Corrupted streams (payload bytes changed after the checksum, or a writer bug): every decoder either returns a
+    tensor of the right shape or raises CompressionError; the two decoders agree; nothing crashes."""
+    rng = np.random.default_rng(0)
+    refused = 0
+    for name in ("bitmask", "bitmask-flip", "gaps", "gaps-flip", "escaped-gaps", "values-flip"):
+        t = float32_cases()[name]
+        header, payload = encode(t)
+        for trial in range(40):
+            data = bytearray(payload)
+            for _ in range(1 + trial % 3):
+                data[int(rng.integers(len(data)))] ^= 1 << int(rng.integers(8))
+            outcomes = []
+            for result in _decode_or_error(header, bytes(data)):
+                outcomes.append(result if isinstance(result, str) else bits(result))
+            assert type(outcomes[0]) is type(outcomes[1]), (name, trial, outcomes)
+            if isinstance(outcomes[0], str):
+                refused += 1
+            else:
+                assert torch.equal(outcomes[0], outcomes[1]), (name, trial)
+        for broken in (dict(header, count=header.get("count", 0) + 1), dict(header, count=header.get("count", 1) - 1)):
+            if header["layout"] == "sparse":
+                assert all(isinstance(r, str) for r in _decode_or_error(broken, payload)), name
+    assert refused > 20  # most corruptions break a stream's consistency
+
+
+def _decode_or_error(header, payload):
+    from prunekit import compress
+
+    saved = list(compress._NATIVE)
+    out = []
+    try:
+        for lib in ([None], []):
+            compress._NATIVE[:] = lib
+            try:
+                out.append(compress._decode(header, payload)[0])
+            except CompressionError as exc:
+                out.append(str(exc))
+    finally:
+        compress._NATIVE[:] = saved
+    return out

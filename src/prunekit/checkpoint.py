@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit._fast import copy_into
 from prunekit.compress import Compression
 from prunekit.fileformat import FileFormatError, pack, read, unpack, write
 from prunekit.pruner import Pruner, unwrap
@@ -52,14 +53,14 @@ def _fingerprint(state: Mapping[str, torch.Tensor]) -> dict[str, list[Any]]:
     return {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in state.items()}
 
 
-def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
-    """``model.load_state_dict(state, strict=True)`` with an error that lists every missing, unexpected and
-    mismatched tensor (``what`` starts the message, e.g. "file.pth holds weights that")."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
+def _check_fit(model: nn.Module, own: Mapping[str, tuple[int, ...]], stored: Mapping[str, tuple[int, ...]],
+               what: str) -> None:
+    """Raise a ValueError listing every missing, unexpected and shape-mismatched tensor (``own``/``stored``: shapes
+    by ``state_dict`` key; ``what`` starts the message, e.g. "file.pth holds weights that")."""
+    missing = sorted(set(own) - set(stored))
+    unexpected = sorted(set(stored) - set(own))
+    mismatched = [f"{k}: file {tuple(stored[k])} vs model {tuple(own[k])}"
+                  for k in sorted(set(own) & set(stored)) if tuple(own[k]) != tuple(stored[k])]
     if missing or unexpected or mismatched:
         def cut(items: list[str]) -> str:
             return f"{items[:10]}{' ...' if len(items) > 10 else ''}"
@@ -68,7 +69,54 @@ def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], what: str)
             f"{what} does not fit this {type(model).__name__}: missing {cut(missing)}, unexpected {cut(unexpected)}, "
             f"shape mismatch {cut(mismatched)}. Build the same architecture (and configuration) that was saved."
         )
-    model.load_state_dict(state, strict=True)
+
+
+def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+try:  # BatchNorm's loader only fills in a missing num_batches_tracked, which a strict load never lacks
+    from torch.nn.modules.batchnorm import _NormBase
+
+    _PLAIN_LOADERS: tuple[Any, ...] = (nn.Module._load_from_state_dict, _NormBase._load_from_state_dict)
+except (ImportError, AttributeError):  # pragma: no cover - other torch layouts
+    _PLAIN_LOADERS = (nn.Module._load_from_state_dict,)
+
+
+def _plain(model: nn.Module) -> bool:
+    """Whether ``model.load_state_dict`` would only copy each tensor into the one ``model.state_dict()`` returns:
+    no module changes how its state is saved or loaded (overrides, extra state, hooks)."""
+    base = nn.Module
+    for m in model.modules():
+        cls = type(m)
+        if (cls._load_from_state_dict not in _PLAIN_LOADERS or cls._save_to_state_dict is not base._save_to_state_dict
+                or cls.state_dict is not base.state_dict or cls.load_state_dict is not base.load_state_dict
+                or cls.set_extra_state is not base.set_extra_state or m._load_state_dict_pre_hooks
+                or m._load_state_dict_post_hooks or m._state_dict_hooks or m._state_dict_pre_hooks):
+            return False
+    return True
+
+
+def _apply(model: nn.Module, state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> None:
+    """Load the checked ``state`` into ``model`` (``own``: its ``state_dict()``). For a :func:`_plain` model this is
+    the copies ``load_state_dict`` would make, without its per-module bookkeeping (tensors decoded straight into the
+    model are already in place); any other model goes through ``load_state_dict``."""
+    if not _plain(model):
+        model.load_state_dict(state, strict=True)
+        return
+    with torch.no_grad():
+        for k, dst in own.items():
+            src = state[k]
+            if src is not dst:
+                copy_into(dst, src) if src.device == dst.device else dst.copy_(src)
+
+
+def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """``model.load_state_dict(state, strict=True)`` with an error that lists every missing, unexpected and
+    mismatched tensor (``what`` starts the message, e.g. "file.pth holds weights that")."""
+    own = model.state_dict()
+    _check_fit(model, _shapes(own), _shapes(state), what)
+    _apply(model, state, own)
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
@@ -191,10 +239,18 @@ def load(
         prunekit.fileformat.FileFormatError: If the file is missing, corrupted or not a checkpoint.
         ValueError: If the checkpoint was saved from another model (lists missing, unexpected and mismatched tensors).
     """
-    tensors, meta = read(path, kind=KIND, device=map_location)
     model = unwrap(model)
-    state = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
-    _load_strict(model, state, f"{path} holds a checkpoint of a {meta.get('model', {}).get('class', '?')} that")
+    own = model.state_dict()
+
+    def check(stored: dict[str, tuple[tuple[int, ...], str]], meta: dict[str, Any]) -> None:
+        _check_fit(model, _shapes(own), {k.removeprefix("model/"): v[0] for k, v in stored.items()
+                                         if k.startswith("model/")},
+                   f"{path} holds a checkpoint of a {meta.get('model', {}).get('class', '?')} that")
+
+    # the model's own tensors are the decoder's destinations (checked first: a file that does not fit writes nothing)
+    into = {f"model/{k}": v for k, v in own.items()} if _plain(model) else None
+    tensors, meta = read(path, kind=KIND, device=map_location, into=into, check=check)
+    _apply(model, {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}, own)
     pruner = None
     if "pruner" in meta:
         masks = {k.removeprefix("mask/"): v for k, v in tensors.items() if k.startswith("mask/")}

@@ -17,7 +17,10 @@ between neighbouring inputs (an MLP's first layer over image pixels), which save
 
 Each byte stream is stored raw or with the smallest of Huffman coding (zlib, Huffman only), deflate and LZMA (raw
 LZMA2, only for streams up to :data:`LZMA_MAX_BYTES`, and only if it saves at least :data:`LZMA_MIN_GAIN`, because it
-decodes about ten times slower). All of it is Python's standard library (``zlib``, ``lzma``) plus numpy, vectorised.
+decodes about ten times slower). All of it is Python's standard library (``zlib``, ``lzma``) plus numpy, vectorised;
+where prunekit's native library builds (:mod:`prunekit.sparse._native`), exact ``float32`` values are reassembled
+and scattered to their positions by one compiled pass instead (same checks, same result; the tests compare the two),
+and :func:`decode_tensors` can decode straight into destination tensors such as a model's own parameters.
 
 Lossless means bit-exact for every element, with one documented exception: negative zeros (``-0.0``, which pruning
 by multiplication leaves where negative weights were zeroed; ``-0.0 == 0.0``) come back as ``+0.0`` unless
@@ -42,6 +45,7 @@ Examples:
 
 from __future__ import annotations
 
+import ctypes
 import lzma
 import math
 import sys
@@ -335,19 +339,28 @@ def _get_positions(r: _Reader, method: str, shape: tuple[int, ...], count: int, 
 # exact values
 
 
-def _context_split(context: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+def _context_groups(context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """How a stream is split by its context byte: one part per frequent context value (in value order), then one
-    part for all rare ones. Returns ``(order, sizes)``: ``data[order]`` is the concatenation of the parts (``order``
-    is None when there is only one part); the decoder recomputes the same split from the decoded contexts."""
+    part for all rare ones. Returns ``(lut, sizes)``: ``lut`` (uint16, 256 entries) maps a context value to its part,
+    ``sizes`` the length of each part (a single part when at most one value is frequent and no value is rare)."""
     counts = np.bincount(context, minlength=256)
     frequent = counts >= _MIN_CONTEXT
     if int(frequent.sum()) <= 1 and counts[frequent].sum() == context.size:
-        return None, np.array([context.size])
+        return np.zeros(256, dtype=np.uint16), np.array([context.size])
     lut = np.cumsum(frequent) - 1  # frequent value -> its part
     lut[~frequent] = int(frequent.sum())  # rare values -> the last part
-    group = lut.astype(np.uint16)[context]
-    sizes = np.bincount(group, minlength=int(frequent.sum()) + 1)
-    return np.argsort(group, kind="stable"), sizes
+    sizes = np.append(counts[frequent], counts[~frequent].sum())  # the parts in lut order
+    return lut.astype(np.uint16), sizes
+
+
+def _context_split(context: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """The split of :func:`_context_groups` as ``(order, sizes)``: ``data[order]`` is the concatenation of the parts
+    (``order`` is None when there is only one part); the decoder recomputes the same split from the decoded
+    contexts."""
+    lut, sizes = _context_groups(context)
+    if sizes.size == 1:
+        return None, sizes
+    return np.argsort(lut[context], kind="stable"), sizes
 
 
 def _put_split(w: _Writer, context: np.ndarray, data: np.ndarray) -> None:
@@ -699,6 +712,98 @@ def decode(header: Mapping[str, Any], payload: bytes | memoryview | torch.Tensor
     Raises:
         CompressionError: The header or payload is inconsistent.
     """
+    return _decode(header, payload)[0]
+
+
+_NATIVE: list[Any] = []  # [library or None], filled at the first decode
+
+
+def _native() -> Any:
+    """The compiled decoder (prunekit's native library), or None: then the NumPy decoder does the same work."""
+    if not _NATIVE:
+        from prunekit.sparse import _native
+
+        _NATIVE.append(_native.library(warn=False))
+    return _NATIVE[0]
+
+
+def _ptr(a: np.ndarray | None) -> int | None:
+    return None if a is None or a.size == 0 else a.__array_interface__["data"][0]
+
+
+def _decode_f32_native(lib: Any, r: _Reader, header: Mapping[str, Any], shape: tuple[int, ...], n: int,
+                       count: int, want_keep: bool,
+                       into: torch.Tensor | None = None) -> tuple[torch.Tensor, np.ndarray | None]:
+    """Exact float32 values (``sparse`` or ``values`` layout) decoded by the compiled kernel: the same checks and
+    result as the NumPy path, in one pass instead of ~25 array operations per tensor. With ``into`` (a contiguous
+    CPU float32 tensor of the right shape) the values are written straight into it, which is returned."""
+    from prunekit.sparse._native import TopStreams
+
+    bits = gaps = wide = idx = None
+    if header["layout"] == "values":
+        mode = 0
+    else:
+        method = header["positions"]
+        if method == "bitmask":
+            mode, bits = 1, r.next()
+            if bits.size != (n + 7) // 8:
+                raise CompressionError(f"bitmask of {bits.size} bytes for {n} elements")
+        elif method == "gaps" and n < 2**32:
+            mode, gaps, wide = 2, r.next(), r.next(np.uint32)
+            if gaps.size != count:
+                raise CompressionError(f"{gaps.size} gaps for {count} non-zeros")
+        else:
+            mode, idx = 3, _get_positions(r, method, shape, count)
+    exponent = r.next()
+    if exponent.size != count:
+        raise CompressionError(f"{exponent.size} exponents for {count} values")
+    lut, sizes = _context_groups(exponent)
+    parts = [r.next() for _ in sizes]
+    if [p.size for p in parts] != sizes.tolist():
+        raise CompressionError("a context stream has the wrong length")
+    top = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    flip = header.get("signs") == "flip"
+    far, near = (r.next(), r.next()) if flip else (None, None)
+    mid, low = r.next(), r.next()
+    r.done()
+    if not mid.size == low.size == count:
+        raise CompressionError("value planes of different lengths")
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    streams = TopStreams(_ptr(exponent), _ptr(top), _ptr(starts), _ptr(lut), sizes.size, _ptr(mid), _ptr(low),
+                         int(flip), _ptr(far), 0 if far is None else far.size, _ptr(near),
+                         0 if near is None else near.size)
+    out = np.empty(n, dtype=np.uint32) if into is None else into.detach().numpy().reshape(-1).view(np.uint32)
+    keep = np.empty(n, dtype=np.uint8) if want_keep and mode != 0 else None
+    used = np.zeros(3, dtype=np.int64)
+    status = lib.decode_f32(ctypes.addressof(streams), n, count, mode, _ptr(bits), _ptr(gaps), _ptr(wide),
+                            0 if wide is None else wide.size, _ptr(idx), _ptr(out), _ptr(keep), _ptr(used))
+    if status != 0:
+        raise CompressionError({-2: "the positions disagree with the number of values",
+                                -3: "escaped gaps and the side stream disagree",
+                                -4: "the context streams disagree with the exponents",
+                                -5: "the sign streams are too short"}.get(status, f"decoder status {status}"))
+    if flip and ((used[0] + 7) // 8 != far.size or (used[1] + 7) // 8 != near.size):
+        raise CompressionError(f"sign streams of {far.size}/{near.size} bytes for {used[0]}/{used[1]} signs")
+    if wide is not None and used[2] != wide.size:
+        raise CompressionError("escaped gaps and the side stream disagree")
+    tensor = torch.from_numpy(out).view(torch.float32).reshape(shape) if into is None else into
+    if want_keep:
+        keep_mask = np.ones(n, dtype=bool) if keep is None else keep.view(bool)
+        return tensor, keep_mask
+    return tensor, None
+
+
+def _fits(t: torch.Tensor | None, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
+    """Whether the decoder may write a tensor of ``dtype``/``shape`` straight into ``t``."""
+    return t is not None and t.dtype == dtype and tuple(t.shape) == shape and t.device.type == "cpu" and \
+        t.is_contiguous() and not t.is_conj() and not t.is_neg()
+
+
+def _decode(header: Mapping[str, Any], payload: bytes | memoryview | torch.Tensor, want_keep: bool = False,
+            into: torch.Tensor | None = None) -> tuple[torch.Tensor, np.ndarray | None]:
+    """:func:`decode`, and with ``want_keep`` also the stored non-zero pattern (flat bool array, see :func:`_pattern`)
+    when the layout stores positions (else None). With ``into``, the result is written into that tensor (which is
+    returned) if it has the same dtype and shape: directly by the compiled decoder, else by a copy."""
     try:
         dtype = _DTYPES[header["dtype"]]
         shape = tuple(int(s) for s in header["shape"])
@@ -713,10 +818,41 @@ def decode(header: Mapping[str, Any], payload: bytes | memoryview | torch.Tensor
     if layout == "raw":
         if len(view) != n * itemsize:
             raise CompressionError(f"raw tensor of shape {shape} needs {n * itemsize} bytes, got {len(view)}")
-        return _from_bits(np.frombuffer(view, dtype=_UINT[itemsize]).copy(), dtype, shape)
+        stored = np.frombuffer(view, dtype=_UINT[itemsize])
+        if _fits(into, dtype, shape):
+            np.copyto(_as_bits(into), stored)  # type: ignore[arg-type]
+            return into, None  # type: ignore[return-value]
+        return _from_bits(stored.copy(), dtype, shape), None
     if layout not in ("sparse", "values"):
         raise CompressionError(f"unknown layout {layout!r}")
     r = _Reader(header["streams"], view)
+    codec = header.get("values", "exact")
+    fits = _fits(into, dtype, shape)
+    if dtype == torch.float32 and codec == "exact" and header.get("signs") in (None, "flip"):
+        lib = _native()
+        if lib is not None:
+            count = int(header["count"]) if layout == "sparse" else n
+            tensor, keep = _decode_f32_native(lib, r, header, shape, n, count, want_keep, into if fits else None)
+            return tensor, keep if layout == "sparse" else None
+    tensor, idx = _decode_numpy(r, header, layout, dtype, shape, n, itemsize)
+    if fits:
+        from prunekit._fast import copy_into
+
+        copy_into(into, tensor)  # type: ignore[arg-type]
+        tensor = into  # type: ignore[assignment]
+    if not want_keep or idx is None:
+        return tensor, None
+    if idx.dtype == bool:
+        return tensor, idx
+    keep = np.zeros(n, dtype=bool)
+    keep[idx] = True
+    return tensor, keep
+
+
+def _decode_numpy(r: _Reader, header: Mapping[str, Any], layout: str, dtype: torch.dtype, shape: tuple[int, ...],
+                  n: int, itemsize: int) -> tuple[torch.Tensor, np.ndarray | None]:
+    """The NumPy decoder of the ``sparse`` / ``values`` layouts; also returns the kept positions (bool mask or int64
+    indices; None for ``values``)."""
     if layout == "sparse":
         count = int(header["count"])
         # kept positions: int64 indices, or a bool mask where that is cheaper (both index numpy arrays alike)
@@ -731,7 +867,7 @@ def decode(header: Mapping[str, Any], payload: bytes | memoryview | torch.Tensor
             out_bits = np.zeros(n, dtype=np.uint8)
             out_bits[idx] = 1
         r.done()
-        return _from_bits(out_bits, dtype, shape)
+        return _from_bits(out_bits, dtype, shape), idx
     if codec == "exact":
         signs = header.get("signs")
         if signs not in (None, "flip"):
@@ -740,10 +876,10 @@ def decode(header: Mapping[str, Any], payload: bytes | memoryview | torch.Tensor
         values = _get_values(r, _value_layout(dtype), itemsize, count, adjacent)
         r.done()
         if idx is None:
-            return _from_bits(values.copy(), dtype, shape)
+            return _from_bits(values.copy(), dtype, shape), idx
         out_bits = np.zeros(n, dtype=_UINT[itemsize])
         out_bits[idx] = values
-        return _from_bits(out_bits, dtype, shape)
+        return _from_bits(out_bits, dtype, shape), idx
     if codec == "fp16":
         half = _get_values(r, "planes", 2, count)
         values_t = torch.from_numpy(half.view(np.int16).copy()).view(torch.float16).to(dtype)
@@ -767,10 +903,10 @@ def decode(header: Mapping[str, Any], payload: bytes | memoryview | torch.Tensor
         raise CompressionError(f"unknown value codec {codec!r}")
     r.done()
     if idx is None:
-        return values_t.reshape(shape)
+        return values_t.reshape(shape), idx
     out = torch.zeros(n, dtype=dtype)
     out[torch.from_numpy(idx)] = values_t  # bool mask or int64 indices
-    return out.reshape(shape)
+    return out.reshape(shape), idx
 
 
 def _from_bits(bits: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -894,8 +1030,16 @@ def encode_tensors(
     return b"".join(parts), table
 
 
-def decode_tensors(payload: bytes | memoryview | torch.Tensor, table: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def decode_tensors(payload: bytes | memoryview | torch.Tensor, table: Mapping[str, Any],
+                   into: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Inverse of :func:`encode_tensors`.
+
+    Args:
+        payload: The payload :func:`encode_tensors` returned.
+        table: Its table.
+        into: Optional destination tensors by name (e.g. a model's own ``state_dict()``): a tensor whose destination
+            has the same dtype and shape and is a contiguous CPU tensor is decoded straight into it (no allocation,
+            no later copy), and the destination itself is returned under that name.
 
     Raises:
         CompressionError: The table is inconsistent with itself or with the payload.
@@ -916,6 +1060,9 @@ def decode_tensors(payload: bytes | memoryview | torch.Tensor, table: Mapping[st
 
     packs = [decode(h, chunk(h)) for h in table.get("packs", [])]
     out: dict[str, torch.Tensor] = {}
+    # tensors whose stored pattern a mask refers to: their decoder hands the pattern over (no second pass)
+    referenced = {h.get("ref") for h in entries.values() if h.get("layout") == "like"}
+    patterns: dict[str, np.ndarray] = {}
     for name, header in entries.items():
         layout = header.get("layout")
         if layout == "like":
@@ -928,9 +1075,17 @@ def decode_tensors(payload: bytes | memoryview | torch.Tensor, table: Mapping[st
             t = packs[index][start : start + math.prod(shape)]
             if str(t.dtype).removeprefix("torch.") != header["dtype"]:
                 raise CompressionError(f"{name}: pack holds {t.dtype}, header says {header['dtype']}")
-            out[name] = t.reshape(shape).clone()
+            dest = into.get(name) if into is not None else None
+            if _fits(dest, t.dtype, shape):
+                np.copyto(_as_bits(dest), _as_bits(t))  # type: ignore[arg-type]
+                out[name] = dest  # type: ignore[assignment]
+            else:
+                out[name] = t.reshape(shape).clone()
         else:
-            out[name] = decode(header, chunk(header))
+            out[name], keep = _decode(header, chunk(header), want_keep=name in referenced,
+                                      into=into.get(name) if into is not None else None)
+            if keep is not None:
+                patterns[name] = keep
     if end != len(view):
         raise CompressionError(f"the payload has {len(view) - end} bytes that no tensor uses")
     for name, header in entries.items():
@@ -942,6 +1097,8 @@ def decode_tensors(payload: bytes | memoryview | torch.Tensor, table: Mapping[st
         shape = tuple(int(s) for s in header["shape"])
         if tuple(out[ref].shape) != shape:
             raise CompressionError(f"{name} has shape {shape} but its pattern source {ref} has {tuple(out[ref].shape)}")
-        keep = _pattern(entries[ref], chunk(entries[ref]), out[ref])
+        keep = patterns.pop(ref, None)  # handed over once; a second mask of the same weight decodes its own copy
+        if keep is None:
+            keep = _pattern(entries[ref], chunk(entries[ref]), out[ref])
         out[name] = torch.from_numpy(keep).reshape(shape)
     return {name: out[name] for name in entries}

@@ -208,14 +208,21 @@ def write(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], met
     return atomic_write(path, lambda f: f.write(save(plain, metadata=header)))
 
 
-def read(path: str | os.PathLike[str], *, kind: str | None = None,
-         device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read(path: str | os.PathLike[str], *, kind: str | None = None, device: str | torch.device = "cpu",
+         into: Mapping[str, torch.Tensor] | None = None,
+         check: Callable[[dict[str, tuple[tuple[int, ...], str]], dict[str, Any]], None] | None = None,
+         ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read and verify a file written by :func:`write`.
 
     Args:
         path: The file.
         kind: If given, the kind the file must have.
         device: Where to put the tensors.
+        into: Optional destination tensors by name, for compressed files read to the CPU: a stored tensor is decoded
+            straight into its destination where dtype and shape agree (see
+            :func:`prunekit.compress.decode_tensors`), and the destination is returned under its name.
+        check: Called once the file is verified and before anything is decoded (or written into ``into``) with
+            ``{name: (shape, dtype name)}`` of the stored tensors and the metadata; it raises to refuse the file.
 
     Returns:
         ``(tensors, meta)``.
@@ -259,16 +266,28 @@ def read(path: str | os.PathLike[str], *, kind: str | None = None,
     signed = meta_json if codecs_json is None else meta_json + "\0" + codecs_json
     if _checksum(tensors, signed) != header.get("prunekit.sha256"):
         raise FileFormatError(f"{path} fails its checksum: the file was modified or corrupted after it was written")
+    meta = json.loads(meta_json)
     if codecs_json is not None:
         try:
             if set(tensors) != {PAYLOAD}:
                 raise CompressionError(f"a compressed file holds one tensor {PAYLOAD!r}, found {sorted(tensors)[:5]}")
-            tensors = decode_tensors(tensors[PAYLOAD], json.loads(codecs_json))
+            table = json.loads(codecs_json)
+            if check is not None:
+                stored = {name: (tuple(int(d) for d in h["shape"]), str(h["dtype"]))
+                          for name, h in table["tensors"].items()}
         except (CompressionError, KeyError, TypeError, ValueError) as exc:
             raise FileFormatError(f"{path}: a compressed tensor does not decode ({exc}); re-create the file") from None
+        if check is not None:
+            check(stored, meta)
+        try:
+            tensors = decode_tensors(tensors[PAYLOAD], table, into if str(device) == "cpu" else None)
+        except (CompressionError, KeyError, TypeError, ValueError) as exc:
+            raise FileFormatError(f"{path}: a compressed tensor does not decode ({exc}); re-create the file") from None
+    elif check is not None:
+        check({name: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in tensors.items()}, meta)
     if str(device) != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
-    return tensors, json.loads(meta_json)
+    return tensors, meta
 
 
 # --------------------------------------------------------------------------------------------------------------------

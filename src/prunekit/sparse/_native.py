@@ -1,5 +1,9 @@
 """prunekit's compiled sparse kernel: C++ with OpenMP, compiled with the system compiler at first use.
 
+Besides the sparse Linear kernel it holds the two other hot loops that have a NumPy/torch twin: the per-step
+re-zeroing of pruned weights (:class:`prunekit.Pruner`) and the decoder of :mod:`prunekit.compress`'s exact float32
+values (``pk_decode_f32``, used by :func:`prunekit.load`).
+
 The source below is compiled once per machine into the prunekit cache (``<cache_dir()>/kernels/``, see
 :func:`prunekit.data.fetch.cache_dir`) and loaded with :mod:`ctypes`. It includes no torch headers, so a build takes
 about a second and needs neither ninja nor a build-time torch; the compiler is ``$PRUNEKIT_CXX``, ``$CXX`` or the
@@ -44,7 +48,7 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["SOURCE", "BuildInfo", "CsrWeight", "NativeLibrary", "build_info", "library"]
+__all__ = ["SOURCE", "BuildInfo", "CsrWeight", "NativeLibrary", "TopStreams", "build_info", "library"]
 
 SOURCE = r"""
 // prunekit sparse kernels (see prunekit/sparse/_native.py): y = x @ W.T + b with W in CSR, fp32.
@@ -308,6 +312,88 @@ void pk_mask_many_f32(float* const* w, const uint8_t* const* m, const int64_t* n
   }
 }
 
+// Decoder of prunekit.compress's exact float32 values (see prunekit/compress.py): one pass that undoes the context
+// split of the top byte, the sign flips and the byte planes, and scatters the values to their positions in `out`
+// (n floats, fully written: zeros elsewhere). The entropy-coded streams were already inflated by zlib/lzma.
+//   exponent, mid, low: one byte per kept value; top: the context parts one after the other, part g spanning
+//   [part_start[g], part_start[g + 1]); lut: exponent -> part. top holds (mantissa7 << 1) | sign, or with `flip`
+//   just mantissa7 and the signs come as packed (MSB-first) flip bits, split by whether the previous kept element is
+//   the direct neighbour (`near`) or not (`far`).
+//   Positions: pos_mode 0 all n kept (count == n); 1 a packed bitmask of n bits (`bits`); 2 gap bytes (`gaps`,
+//   count of them; 255 escapes into `wide`, uint32); 3 ascending int64 indices (`idx`).
+//   keep (optional, n bytes): set to 1 where a value is kept, 0 elsewhere.
+// Returns 0, or a negative code if the streams disagree with each other (never reads or writes out of bounds).
+// used[0..1]: flip bits read from far/near; used[2]: escapes read (the caller checks them against the stream sizes).
+struct pk_top {
+  const uint8_t* exponent; const uint8_t* top; const int64_t* part_start; const uint16_t* lut; int64_t parts;
+  const uint8_t* mid; const uint8_t* low; int64_t flip; const uint8_t* far; int64_t far_bytes; const uint8_t* near;
+  int64_t near_bytes;
+};
+
+int pk_decode_f32(const pk_top* s, int64_t n, int64_t count, int64_t pos_mode, const uint8_t* bits,
+                  const uint8_t* gaps, const uint32_t* wide, int64_t wide_len, const int64_t* idx, uint32_t* out,
+                  uint8_t* keep, int64_t* used) {
+  int64_t cursor[257], end[257];
+  if (s->parts < 1 || s->parts > 257) return -1;
+  for (int64_t g = 0; g < s->parts; ++g) { cursor[g] = s->part_start[g]; end[g] = s->part_start[g + 1]; }
+  if (pos_mode != 0) {
+    for (int64_t p = 0; p < n; ++p) out[p] = 0u;
+    if (keep) for (int64_t p = 0; p < n; ++p) keep[p] = 0;
+  }
+  int64_t jf = 0, jn = 0, w = 0, prev = -2, pos = -1;
+  uint32_t sign = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    // the position of kept value i
+    if (pos_mode == 0) {
+      pos = i;
+    } else if (pos_mode == 1) {
+      for (++pos;; ++pos) {
+        if ((pos & 7) == 0) while (pos + 8 <= n && bits[pos >> 3] == 0) pos += 8;  // skip empty bytes
+        if (pos >= n) return -2;
+        if ((bits[pos >> 3] >> (7 - (pos & 7))) & 1) break;
+      }
+    } else if (pos_mode == 2) {
+      uint64_t gap = gaps[i];
+      if (gap == 255) { if (w >= wide_len) return -3; gap = wide[w++]; }
+      pos = pos + (int64_t)gap + 1;
+      if (pos >= n) return -2;
+    } else {
+      pos = idx[i];
+      if (pos <= prev || pos >= n) return -2;
+    }
+    const uint32_t e = s->exponent[i];
+    const int64_t g = s->lut[e];
+    if (g >= s->parts || cursor[g] >= end[g]) return -4;
+    const uint32_t t = s->top[cursor[g]++];
+    uint32_t mant;
+    if (s->flip) {
+      const bool adjacent = i > 0 && pos == prev + 1;
+      uint32_t bit;
+      if (adjacent) {
+        if ((jn >> 3) >= s->near_bytes) return -5;
+        bit = (s->near[jn >> 3] >> (7 - (jn & 7))) & 1u; ++jn;
+      } else {
+        if ((jf >> 3) >= s->far_bytes) return -5;
+        bit = (s->far[jf >> 3] >> (7 - (jf & 7))) & 1u; ++jf;
+      }
+      sign ^= bit;
+      mant = t;
+    } else {
+      sign = t & 1u;
+      mant = t >> 1;
+    }
+    out[pos] = (sign << 31) | (e << 23) | ((mant & 0x7Fu) << 16) | ((uint32_t)s->mid[i] << 8) | s->low[i];
+    if (keep) keep[pos] = 1;
+    prev = pos;
+  }
+  if (pos_mode == 1) {  // no kept position may follow the last value
+    for (int64_t p = pos + 1; p < n; ++p) if ((bits[p >> 3] >> (7 - (p & 7))) & 1) return -2;
+  }
+  for (int64_t g = 0; g < s->parts; ++g) if (cursor[g] != end[g]) return -4;
+  used[0] = jf; used[1] = jn; used[2] = w;
+  return 0;
+}
+
 }  // extern "C"
 """
 
@@ -355,6 +441,25 @@ class CsrWeight(ctypes.Structure):
     ]
 
 
+class TopStreams(ctypes.Structure):
+    """``struct pk_top``: the inflated value streams of one float32 tensor (valid while those arrays live)."""
+
+    _fields_ = [
+        ("exponent", ctypes.c_void_p),
+        ("top", ctypes.c_void_p),
+        ("part_start", ctypes.c_void_p),
+        ("lut", ctypes.c_void_p),
+        ("parts", ctypes.c_int64),
+        ("mid", ctypes.c_void_p),
+        ("low", ctypes.c_void_p),
+        ("flip", ctypes.c_int64),
+        ("far", ctypes.c_void_p),
+        ("far_bytes", ctypes.c_int64),
+        ("near", ctypes.c_void_p),
+        ("near_bytes", ctypes.c_int64),
+    ]
+
+
 class NativeLibrary:
     """The loaded kernel library: a typed wrapper over its C entry point (pointers and sizes, no checks)."""
 
@@ -380,6 +485,12 @@ class NativeLibrary:
         #: ``mask_many_f32(weight_ptrs, mask_ptrs, numels, count, threads)``: :attr:`mask_f32` over ``count`` tensors
         #: (arrays of ``void*``, ``void*`` and ``int64``), large tensors split across ``threads`` as torch splits them
         self.mask_many_f32 = fn
+        fn = self._dll.pk_decode_f32
+        fn.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr]
+        fn.restype = ctypes.c_int
+        #: ``decode_f32(top_struct, n, count, pos_mode, bits, gaps, wide, wide_len, idx, out, keep, used) -> status``:
+        #: prunekit.compress's exact float32 values assembled and scattered in one pass (see the C source)
+        self.decode_f32 = fn
         self._dll.pk_isa.restype = ctypes.c_int
         self.isa = ISA_NAMES.get(int(self._dll.pk_isa()), "unknown")
 
