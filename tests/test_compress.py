@@ -337,6 +337,8 @@ def float32_cases():
         "gaps-flip": smooth_signs((200, 300), 0.95, flip_rate=0.002),
         "escaped-gaps": sparse_tensor((1, 200_000), 0.999, torch.float32),
         "live-gaps": torch.cat([torch.zeros(300, 400), sparse_tensor((300, 384), 0.8, torch.float32)], dim=1),
+        "live-bitmask": torch.cat([torch.zeros(200, 300), sparse_tensor((200, 300), 0.5, torch.float32)], dim=1)
+        .index_fill_(0, torch.arange(0, 200, 3), 0.0),  # dead rows and columns
         "empty": torch.zeros(40, 50),
         "one": torch.zeros(1000).index_fill_(0, torch.tensor([999]), -3.5),
         "last-bit": torch.zeros(13).index_fill_(0, torch.tensor([0, 12]), 1.25),
@@ -377,7 +379,8 @@ def test_compiled_decoder_refuses_inconsistent_streams_like_the_numpy_decoder():
     tensor of the right shape or raises CompressionError; the two decoders agree; nothing crashes."""
     rng = np.random.default_rng(0)
     refused = 0
-    for name in ("bitmask", "bitmask-flip", "gaps", "gaps-flip", "escaped-gaps", "values-flip"):
+    for name in ("bitmask", "bitmask-flip", "gaps", "gaps-flip", "escaped-gaps", "values-flip", "live-gaps",
+                 "live-bitmask"):
         t = float32_cases()[name]
         header, payload = encode(t)
         for trial in range(40):

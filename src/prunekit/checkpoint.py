@@ -191,7 +191,8 @@ def save(
     model = unwrap(model)
     state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {f"model/{k}": v for k, v in state.items()}
-    meta: dict[str, Any] = {"model": {"class": type(model).__name__, "tensors": _fingerprint(state)}, "extra": dict(extra or {})}
+    meta: dict[str, Any] = {"model": {"class": type(model).__name__, "tensors": _fingerprint(state)},
+                            "extra": dict(extra or {})}
     if pruner is not None:
         if pruner.model is not model:
             raise ValueError("the pruner belongs to another model than the one being saved")

@@ -587,6 +587,8 @@ def kmeans_1d(values: np.ndarray, k: int, iterations: int = 30) -> tuple[np.ndar
 
 def _as_bits(t: torch.Tensor) -> np.ndarray:
     """The tensor's elements as unsigned integers of the same width (a copy-free view where possible)."""
+    if t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous():  # the common case, fast
+        return t.detach().numpy().reshape(-1).view(np.uint32)
     flat = t.detach().cpu().contiguous().reshape(-1)
     if t.dtype == torch.bool:
         return flat.view(torch.uint8).numpy()
@@ -737,54 +739,74 @@ def _decode_f32_native(lib: Any, r: _Reader, header: Mapping[str, Any], shape: t
     """Exact float32 values (``sparse`` or ``values`` layout) decoded by the compiled kernel: the same checks and
     result as the NumPy path, in one pass instead of ~25 array operations per tensor. With ``into`` (a contiguous
     CPU float32 tensor of the right shape) the values are written straight into it, which is returned."""
-    from prunekit.sparse._native import TopStreams
+    from prunekit.sparse._native import PositionStreams, TopStreams
 
-    bits = gaps = wide = idx = None
-    if header["layout"] == "values":
-        mode = 0
-    else:
+    pos = PositionStreams(0, n)
+    keepalive: list[np.ndarray] = []  # arrays the structs point into
+    if header["layout"] == "sparse":
         method = header["positions"]
+        if method.startswith("live-") and len(shape) >= 2:
+            rows, cols = shape[0], n // shape[0]
+            live_rows = np.flatnonzero(np.unpackbits(r.next(), count=rows))
+            live_cols = np.flatnonzero(np.unpackbits(r.next(), count=cols))
+            keepalive += [live_rows, live_cols]
+            pos.live_rows, pos.live_cols = _ptr(live_rows), _ptr(live_cols)
+            pos.n_live_cols, pos.cols, pos.n_sub = live_cols.size, cols, live_rows.size * live_cols.size
+            if pos.n_sub == 0 and count:
+                raise CompressionError(f"positions decode to no live rows/columns for {count} non-zeros")
+            method = method.removeprefix("live-")
         if method == "bitmask":
-            mode, bits = 1, r.next()
-            if bits.size != (n + 7) // 8:
-                raise CompressionError(f"bitmask of {bits.size} bytes for {n} elements")
+            bits = r.next()
+            if bits.size != (pos.n_sub + 7) // 8:
+                raise CompressionError(f"bitmask of {bits.size} bytes for {pos.n_sub} elements")
+            keepalive.append(bits)
+            pos.mode, pos.bits = 1, _ptr(bits)
         elif method == "gaps" and n < 2**32:
-            mode, gaps, wide = 2, r.next(), r.next(np.uint32)
+            gaps, wide = r.next(), r.next(np.uint32)
             if gaps.size != count:
                 raise CompressionError(f"{gaps.size} gaps for {count} non-zeros")
+            keepalive += [gaps, wide]
+            pos.mode, pos.gaps, pos.wide, pos.wide_len = 2, _ptr(gaps), _ptr(wide), wide.size
+        elif pos.live_rows is None:
+            idx = _get_positions(r, method, shape, count)
+            keepalive.append(idx)
+            pos.mode, pos.idx = 3, _ptr(idx)
         else:
-            mode, idx = 3, _get_positions(r, method, shape, count)
+            raise CompressionError(f"unknown positions method {header['positions']!r}")
     exponent = r.next()
     if exponent.size != count:
         raise CompressionError(f"{exponent.size} exponents for {count} values")
-    lut, sizes = _context_groups(exponent)
-    parts = [r.next() for _ in sizes]
-    if [p.size for p in parts] != sizes.tolist():
+    lut = np.empty(256, dtype=np.uint16)
+    sizes = np.empty(257, dtype=np.int64)
+    parts_n = lib.context_groups(_ptr(exponent), count, _MIN_CONTEXT, _ptr(lut), _ptr(sizes))
+    parts = [r.next() for _ in range(parts_n)]
+    if [p.size for p in parts] != sizes[:parts_n].tolist():
         raise CompressionError("a context stream has the wrong length")
-    top = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    top = np.concatenate(parts) if parts_n > 1 else parts[0]
     flip = header.get("signs") == "flip"
     far, near = (r.next(), r.next()) if flip else (None, None)
     mid, low = r.next(), r.next()
     r.done()
     if not mid.size == low.size == count:
         raise CompressionError("value planes of different lengths")
-    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    streams = TopStreams(_ptr(exponent), _ptr(top), _ptr(starts), _ptr(lut), sizes.size, _ptr(mid), _ptr(low),
+    starts = np.zeros(parts_n + 1, dtype=np.int64)
+    np.cumsum(sizes[:parts_n], out=starts[1:])
+    streams = TopStreams(_ptr(exponent), _ptr(top), _ptr(starts), _ptr(lut), parts_n, _ptr(mid), _ptr(low),
                          int(flip), _ptr(far), 0 if far is None else far.size, _ptr(near),
                          0 if near is None else near.size)
     out = np.empty(n, dtype=np.uint32) if into is None else into.detach().numpy().reshape(-1).view(np.uint32)
-    keep = np.empty(n, dtype=np.uint8) if want_keep and mode != 0 else None
+    keep = np.empty(n, dtype=np.uint8) if want_keep and pos.mode != 0 else None
     used = np.zeros(3, dtype=np.int64)
-    status = lib.decode_f32(ctypes.addressof(streams), n, count, mode, _ptr(bits), _ptr(gaps), _ptr(wide),
-                            0 if wide is None else wide.size, _ptr(idx), _ptr(out), _ptr(keep), _ptr(used))
+    status = lib.decode_f32(ctypes.addressof(streams), ctypes.addressof(pos), n, count, _ptr(out), _ptr(keep),
+                            _ptr(used))
     if status != 0:
         raise CompressionError({-2: "the positions disagree with the number of values",
                                 -3: "escaped gaps and the side stream disagree",
                                 -4: "the context streams disagree with the exponents",
                                 -5: "the sign streams are too short"}.get(status, f"decoder status {status}"))
-    if flip and ((used[0] + 7) // 8 != far.size or (used[1] + 7) // 8 != near.size):
+    if flip and ((used[0] + 7) // 8 != far.size or (used[1] + 7) // 8 != near.size):  # type: ignore[union-attr]
         raise CompressionError(f"sign streams of {far.size}/{near.size} bytes for {used[0]}/{used[1]} signs")
-    if wide is not None and used[2] != wide.size:
+    if pos.mode == 2 and used[2] != pos.wide_len:
         raise CompressionError("escaped gaps and the side stream disagree")
     tensor = torch.from_numpy(out).view(torch.float32).reshape(shape) if into is None else into
     if want_keep:
@@ -1059,6 +1081,7 @@ def decode_tensors(payload: bytes | memoryview | torch.Tensor, table: Mapping[st
         return view[start : start + length]
 
     packs = [decode(h, chunk(h)) for h in table.get("packs", [])]
+    pack_bits: list[np.ndarray | None] = [None] * len(packs)
     out: dict[str, torch.Tensor] = {}
     # tensors whose stored pattern a mask refers to: their decoder hands the pattern over (no second pass)
     referenced = {h.get("ref") for h in entries.values() if h.get("layout") == "like"}
@@ -1077,7 +1100,9 @@ def decode_tensors(payload: bytes | memoryview | torch.Tensor, table: Mapping[st
                 raise CompressionError(f"{name}: pack holds {t.dtype}, header says {header['dtype']}")
             dest = into.get(name) if into is not None else None
             if _fits(dest, t.dtype, shape):
-                np.copyto(_as_bits(dest), _as_bits(t))  # type: ignore[arg-type]
+                if pack_bits[index] is None:
+                    pack_bits[index] = _as_bits(packs[index])
+                np.copyto(_as_bits(dest), pack_bits[index][start : start + t.numel()])  # type: ignore[arg-type,index]
                 out[name] = dest  # type: ignore[assignment]
             else:
                 out[name] = t.reshape(shape).clone()

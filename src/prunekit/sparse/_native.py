@@ -48,7 +48,16 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["SOURCE", "BuildInfo", "CsrWeight", "NativeLibrary", "TopStreams", "build_info", "library"]
+__all__ = [
+    "SOURCE",
+    "BuildInfo",
+    "CsrWeight",
+    "NativeLibrary",
+    "PositionStreams",
+    "TopStreams",
+    "build_info",
+    "library",
+]
 
 SOURCE = r"""
 // prunekit sparse kernels (see prunekit/sparse/_native.py): y = x @ W.T + b with W in CSR, fp32.
@@ -319,8 +328,10 @@ void pk_mask_many_f32(float* const* w, const uint8_t* const* m, const int64_t* n
 //   [part_start[g], part_start[g + 1]); lut: exponent -> part. top holds (mantissa7 << 1) | sign, or with `flip`
 //   just mantissa7 and the signs come as packed (MSB-first) flip bits, split by whether the previous kept element is
 //   the direct neighbour (`near`) or not (`far`).
-//   Positions: pos_mode 0 all n kept (count == n); 1 a packed bitmask of n bits (`bits`); 2 gap bytes (`gaps`,
-//   count of them; 255 escapes into `wide`, uint32); 3 ascending int64 indices (`idx`).
+//   Positions (struct pk_pos): mode 0 all n kept (count == n); 1 a packed bitmask of n_sub bits (`bits`); 2 gap
+//   bytes (`gaps`, count of them; 255 escapes into `wide`, uint32); 3 ascending int64 indices (`idx`). With
+//   live_rows/live_cols (modes 1, 2), the bitmask or gaps address the sub-grid of live rows x live columns of a
+//   (rows x cols) tensor: sub-index s is element live_rows[s / n_live_cols] * cols + live_cols[s % n_live_cols].
 //   keep (optional, n bytes): set to 1 where a value is kept, 0 elsewhere.
 // Returns 0, or a negative code if the streams disagree with each other (never reads or writes out of bounds).
 // used[0..1]: flip bits read from far/near; used[2]: escapes read (the caller checks them against the stream sizes).
@@ -329,47 +340,79 @@ struct pk_top {
   const uint8_t* mid; const uint8_t* low; int64_t flip; const uint8_t* far; int64_t far_bytes; const uint8_t* near;
   int64_t near_bytes;
 };
+struct pk_pos {
+  int64_t mode; int64_t n_sub; const uint8_t* bits; const uint8_t* gaps; const uint32_t* wide; int64_t wide_len;
+  const int64_t* idx; const int64_t* live_rows; const int64_t* live_cols; int64_t n_live_cols; int64_t cols;
+};
 
-int pk_decode_f32(const pk_top* s, int64_t n, int64_t count, int64_t pos_mode, const uint8_t* bits,
-                  const uint8_t* gaps, const uint32_t* wide, int64_t wide_len, const int64_t* idx, uint32_t* out,
-                  uint8_t* keep, int64_t* used) {
+// The context split of prunekit.compress._context_groups: lut[v] = part of context value v (frequent values, those
+// seen at least min_context times, in value order; every rare value in one last part), sizes[g] = length of part g.
+// Returns the number of parts (1 when at most one value is frequent and none is rare).
+int64_t pk_context_groups(const uint8_t* ctx, int64_t count, int64_t min_context, uint16_t* lut, int64_t* sizes) {
+  int64_t counts[256] = {0};
+  for (int64_t i = 0; i < count; ++i) ++counts[ctx[i]];
+  int64_t frequent = 0, rare = 0;
+  for (int v = 0; v < 256; ++v) {
+    if (counts[v] >= min_context) ++frequent; else rare += counts[v];
+  }
+  if (frequent <= 1 && rare == 0) {
+    for (int v = 0; v < 256; ++v) lut[v] = 0;
+    sizes[0] = count;
+    return 1;
+  }
+  int64_t g = 0;
+  for (int v = 0; v < 256; ++v) {
+    if (counts[v] >= min_context) { lut[v] = (uint16_t)g; sizes[g++] = counts[v]; }
+    else lut[v] = (uint16_t)frequent;
+  }
+  sizes[frequent] = rare;
+  return frequent + 1;
+}
+
+int pk_decode_f32(const pk_top* s, const pk_pos* q, int64_t n, int64_t count, uint32_t* out, uint8_t* keep,
+                  int64_t* used) {
   int64_t cursor[257], end[257];
   if (s->parts < 1 || s->parts > 257) return -1;
   for (int64_t g = 0; g < s->parts; ++g) { cursor[g] = s->part_start[g]; end[g] = s->part_start[g + 1]; }
-  if (pos_mode != 0) {
+  const int64_t mode = q->mode, n_sub = q->n_sub;
+  const uint8_t* bits = q->bits;
+  const bool live = q->live_rows != nullptr;
+  if (live && (q->n_live_cols <= 0 || q->cols <= 0)) return -1;
+  if (mode != 0) {
     for (int64_t p = 0; p < n; ++p) out[p] = 0u;
     if (keep) for (int64_t p = 0; p < n; ++p) keep[p] = 0;
   }
-  int64_t jf = 0, jn = 0, w = 0, prev = -2, pos = -1;
+  int64_t jf = 0, jn = 0, w = 0, prev = -2, sub = -1, pos = -1;
   uint32_t sign = 0;
   for (int64_t i = 0; i < count; ++i) {
-    // the position of kept value i
-    if (pos_mode == 0) {
-      pos = i;
-    } else if (pos_mode == 1) {
-      for (++pos;; ++pos) {
-        if ((pos & 7) == 0) while (pos + 8 <= n && bits[pos >> 3] == 0) pos += 8;  // skip empty bytes
-        if (pos >= n) return -2;
-        if ((bits[pos >> 3] >> (7 - (pos & 7))) & 1) break;
+    // the position of kept value i: first its index `sub` in the coded (sub-)grid, then in the tensor
+    if (mode == 0) {
+      sub = i;
+    } else if (mode == 1) {
+      for (++sub;; ++sub) {
+        if ((sub & 7) == 0) while (sub + 8 <= n_sub && bits[sub >> 3] == 0) sub += 8;  // skip empty bytes
+        if (sub >= n_sub) return -2;
+        if ((bits[sub >> 3] >> (7 - (sub & 7))) & 1) break;
       }
-    } else if (pos_mode == 2) {
-      uint64_t gap = gaps[i];
-      if (gap == 255) { if (w >= wide_len) return -3; gap = wide[w++]; }
-      pos = pos + (int64_t)gap + 1;
-      if (pos >= n) return -2;
+    } else if (mode == 2) {
+      uint64_t gap = q->gaps[i];
+      if (gap == 255) { if (w >= q->wide_len) return -3; gap = q->wide[w++]; }
+      sub = sub + (int64_t)gap + 1;
+      if (sub >= n_sub) return -2;
     } else {
-      pos = idx[i];
-      if (pos <= prev || pos >= n) return -2;
+      sub = q->idx[i];
+      if (sub <= prev || sub >= n) return -2;
     }
+    pos = live ? q->live_rows[sub / q->n_live_cols] * q->cols + q->live_cols[sub % q->n_live_cols] : sub;
+    if (pos <= prev || pos >= n) return -2;
     const uint32_t e = s->exponent[i];
     const int64_t g = s->lut[e];
     if (g >= s->parts || cursor[g] >= end[g]) return -4;
     const uint32_t t = s->top[cursor[g]++];
     uint32_t mant;
     if (s->flip) {
-      const bool adjacent = i > 0 && pos == prev + 1;
       uint32_t bit;
-      if (adjacent) {
+      if (pos == prev + 1) {  // the previous kept element is the direct neighbour
         if ((jn >> 3) >= s->near_bytes) return -5;
         bit = (s->near[jn >> 3] >> (7 - (jn & 7))) & 1u; ++jn;
       } else {
@@ -386,8 +429,8 @@ int pk_decode_f32(const pk_top* s, int64_t n, int64_t count, int64_t pos_mode, c
     if (keep) keep[pos] = 1;
     prev = pos;
   }
-  if (pos_mode == 1) {  // no kept position may follow the last value
-    for (int64_t p = pos + 1; p < n; ++p) if ((bits[p >> 3] >> (7 - (p & 7))) & 1) return -2;
+  if (mode == 1) {  // no kept position may follow the last value
+    for (int64_t p = sub + 1; p < n_sub; ++p) if ((bits[p >> 3] >> (7 - (p & 7))) & 1) return -2;
   }
   for (int64_t g = 0; g < s->parts; ++g) if (cursor[g] != end[g]) return -4;
   used[0] = jf; used[1] = jn; used[2] = w;
@@ -460,6 +503,24 @@ class TopStreams(ctypes.Structure):
     ]
 
 
+class PositionStreams(ctypes.Structure):
+    """``struct pk_pos``: how the kept positions of one tensor are coded (valid while those arrays live)."""
+
+    _fields_ = [
+        ("mode", ctypes.c_int64),
+        ("n_sub", ctypes.c_int64),
+        ("bits", ctypes.c_void_p),
+        ("gaps", ctypes.c_void_p),
+        ("wide", ctypes.c_void_p),
+        ("wide_len", ctypes.c_int64),
+        ("idx", ctypes.c_void_p),
+        ("live_rows", ctypes.c_void_p),
+        ("live_cols", ctypes.c_void_p),
+        ("n_live_cols", ctypes.c_int64),
+        ("cols", ctypes.c_int64),
+    ]
+
+
 class NativeLibrary:
     """The loaded kernel library: a typed wrapper over its C entry point (pointers and sizes, no checks)."""
 
@@ -486,11 +547,16 @@ class NativeLibrary:
         #: (arrays of ``void*``, ``void*`` and ``int64``), large tensors split across ``threads`` as torch splits them
         self.mask_many_f32 = fn
         fn = self._dll.pk_decode_f32
-        fn.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr]
+        fn.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr]
         fn.restype = ctypes.c_int
-        #: ``decode_f32(top_struct, n, count, pos_mode, bits, gaps, wide, wide_len, idx, out, keep, used) -> status``:
-        #: prunekit.compress's exact float32 values assembled and scattered in one pass (see the C source)
+        #: ``decode_f32(top_struct, pos_struct, n, count, out, keep, used) -> status``: prunekit.compress's exact
+        #: float32 values assembled and scattered in one pass (see the C source)
         self.decode_f32 = fn
+        fn = self._dll.pk_context_groups
+        fn.argtypes = [ptr, i64, i64, ptr, ptr]
+        fn.restype = i64
+        #: ``context_groups(context, count, min_context, lut_out, sizes_out) -> parts``
+        self.context_groups = fn
         self._dll.pk_isa.restype = ctypes.c_int
         self.isa = ISA_NAMES.get(int(self._dll.pk_isa()), "unknown")
 
