@@ -81,23 +81,25 @@ def median_time(fn: Any, repeats: int) -> list[float]:
 
 
 def timed_loads(compressed: Path, dense_gz: Path, make_model: Any, repeats: int) -> dict[str, Any]:
-    """Interleaved repeats of prunekit.load, gunzip (CLI) and gzip.decompress; medians and raw times."""
+    """Interleaved repeats of prunekit.load, prunekit's read, gunzip (CLI) and gzip.decompress; medians and raw times.
+
+    The order of the four rotates from one repeat to the next, so no contender always runs first (cold caches after
+    the gunzip process) or last."""
     gz_bytes = dense_gz.read_bytes()
-    times: dict[str, list[float]] = {"prunekit_load": [], "prunekit_read": [], "gunzip_cli": [], "gzip_decompress": []}
     model = make_model()
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        load(compressed, model)
-        times["prunekit_load"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        read(compressed)
-        times["prunekit_read"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        subprocess.run(["gunzip", "-c", str(dense_gz)], stdout=subprocess.DEVNULL, check=True)
-        times["gunzip_cli"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        gzip.decompress(gz_bytes)
-        times["gzip_decompress"].append(time.perf_counter() - t0)
+    contenders = {
+        "prunekit_load": lambda: load(compressed, model),
+        "prunekit_read": lambda: read(compressed),
+        "gunzip_cli": lambda: subprocess.run(["gunzip", "-c", str(dense_gz)], stdout=subprocess.DEVNULL, check=True),
+        "gzip_decompress": lambda: gzip.decompress(gz_bytes),
+    }
+    names = list(contenders)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(repeats):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            t0 = time.perf_counter()
+            contenders[name]()
+            times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"median_s": med, "raw_s": times,
             "load_faster_than_gunzip": med["prunekit_load"] < min(med["gunzip_cli"], med["gzip_decompress"])}
@@ -303,8 +305,10 @@ def main() -> None:
         "pruning": "one-shot global magnitude (prunekit.prune) over every parameter with >= 2 dims",
         "dense_file": "prunekit.export(model, x.safetensors): plain safetensors, dense with zeros",
         "gzip": "gzip -9 -c", "xz": "xz -9 -T1 -c", "prunekit": "prunekit.save(model, path, compress=True)",
-        "load_timing": "median of interleaved repeats; prunekit_load = prunekit.load(path, model) incl. checksum, "
-                       "decoding and load_state_dict; gunzip_cli = gunzip -c dense.gz > /dev/null",
+        "load_timing": "median of interleaved repeats (the order rotates each repeat); prunekit_load = "
+                       "prunekit.load(path, model) incl. checksum, decoding and loading into the model; "
+                       "gunzip_cli = gunzip -c dense.gz > /dev/null; gzip_decompress = gzip.decompress(bytes of "
+                       "dense.gz) in this process",
         "repeats": args.repeats}}
 
     dense_lenet, train_data, test_data, dense_seconds = lenet_dense(epochs, 6000 if args.quick else None)
@@ -340,8 +344,13 @@ def main() -> None:
     result["goals"] = {
         "vs_xz_at_90_95": {f"{r['model']}@{r['sparsity']}": round(r["ratio_vs_xz"], 4) for r in goal_rows},
         "vs_xz_met": all(r["ratio_vs_xz"] >= GOAL_VS_XZ for r in goal_rows),
+        # the bar's load half, at the bar's sparsities (90% and 95%); the other sparsities are reported apart
         "load_faster_than_gunzip": {f"{r['model']}@{r['sparsity']}": r["load"]["load_faster_than_gunzip"]
-                                    for r in rows},
+                                    for r in goal_rows},
+        "load_faster_than_gunzip_met": all(r["load"]["load_faster_than_gunzip"] for r in goal_rows),
+        "load_faster_than_gunzip_other_sparsities": {f"{r['model']}@{r['sparsity']}":
+                                                     r["load"]["load_faster_than_gunzip"]
+                                                     for r in rows if r not in goal_rows},
         "dense_tensors_never_grow": all(r["codecs"]["max_stored_over_raw"] <= 1.0 for r in rows),
         "all_lossless_bit_exact": all(r["lossless_bit_exact"] for r in rows),
         "int8_lenet_95_ratio": result["lenet300_gradual_95"]["int8"]["ratio_vs_dense_fp32"],

@@ -408,11 +408,16 @@ def render_disk_size(doc: dict[str, Any]) -> tuple[str, list[str]]:
     exact = dig(doc, "goals", "all_lossless_bit_exact")
     if isinstance(exact, bool):
         lines += ["", f"Every lossless round trip bit-exact: {'yes' if exact else 'no'}."]
-    faster = [v for v in as_dict(dig(doc, "goals", "load_faster_than_gunzip")).values() if isinstance(v, bool)]
-    if faster:
+    # computed from the rows: the bar's sparsities (90%, 95%) decide; the others are reported
+    faster = [dig(r, "load", "load_faster_than_gunzip") for r in all_rows]
+    at_goal = [f for r, f in zip(all_rows, faster) if r in shown and isinstance(f, bool)]
+    elsewhere = [f for r, f in zip(all_rows, faster) if r not in shown and isinstance(f, bool)]
+    if at_goal:
         lines += ["", (f"`prunekit.load` (read, verify, decode, load into the model) faster than both the gunzip "
-                  f"command and an in-process `gzip.decompress` of the dense file: in {sum(faster)} of {len(faster)} "
-                  f"configurations ({fmt_status(all(faster))}).")]
+                  f"command and an in-process `gzip.decompress` of the dense file, at the goal's sparsities: in "
+                  f"{sum(at_goal)} of {len(at_goal)} configurations ({fmt_status(all(at_goal))})"
+                  + (f"; at the other sparsities (reported, not a goal): {sum(elsewhere)} of {len(elsewhere)}."
+                     if elsewhere else "."))]
     g = as_dict(doc.get("lenet300_gradual_95"))
     if g:
         lossless, int8 = as_dict(g.get("lossless")), as_dict(g.get("int8"))
