@@ -131,16 +131,19 @@ def test_mask_memory_row(goals):
 def test_disk_size_shows_goal_rows_and_names_the_others(goals):
     row = {"model": "lenet300", "dense_bytes": 1066968, "gzip9_bytes": 129000, "xz9_bytes": 115404,
            "prunekit_bytes": 96564, "load": {"median_s": {"prunekit_load": 0.0237, "gunzip_cli": 0.0183,
-                                                         "gzip_decompress": 0.0021}}}
-    doc = {"rows": [dict(row, sparsity=0.0, ratio_vs_xz=1.1), dict(row, sparsity=0.9, ratio_vs_xz=1.1951)],
-           "goals": {"vs_xz_at_90_95": {"lenet300@0.9": 1.1951}, "load_faster_than_gunzip": {"a": False, "b": True}}}
+                                                         "gzip_decompress": 0.0021}, "load_faster_than_gunzip": False}}
+    fast = dict(row, load=dict(row["load"], load_faster_than_gunzip=True))
+    doc = {"rows": [dict(fast, sparsity=0.0, ratio_vs_xz=1.1), dict(row, sparsity=0.9, ratio_vs_xz=1.1951)],
+           "goals": {"vs_xz_at_90_95": {"lenet300@0.9": 1.1951}}}
     _, lines = rt.render_disk_size(doc)
     row = ("| lenet300 | 90% | 1.07 MB | 129 KB | 115 KB | 96.6 KB | 1.195x | ≥ 1.2x | not met "
            "| 24 ms / 18 ms / 2.1 ms |")
     assert table_rows(lines) == [row]
     assert "The JSON also holds 0% sparsity." in lines
+    # the verdict comes from the goal's rows (90%), the 0% row is reported apart
     assert ("`prunekit.load` (read, verify, decode, load into the model) faster than both the gunzip command and an "
-            "in-process `gzip.decompress` of the dense file: in 1 of 2 configurations (not met).") in lines
+            "in-process `gzip.decompress` of the dense file, at the goal's sparsities: in 0 of 1 configurations "
+            "(not met); at the other sparsities (reported, not a goal): 1 of 1.") in lines
 
 
 def test_lenet300_accuracy_means_gap_and_newest_recipe_only(goals):
