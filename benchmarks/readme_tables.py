@@ -652,6 +652,41 @@ def render_large_sparse_vs_small_dense(doc: dict[str, Any]) -> tuple[str, list[s
     return "Large-sparse vs small-dense at equal non-zero weights", lines
 
 
+@renders("large_sparse_vs_small_dense_lstm.json")
+def render_large_sparse_vs_small_dense_lstm(doc: dict[str, Any]) -> tuple[str, list[str]]:
+    runs = [r for r in as_dict(doc.get("runs")).values() if isinstance(r, dict)]
+    setup = as_dict(dig(doc, "meta", "setup"))
+
+    def find(kind: str, budget: Any) -> dict[str, Any]:
+        found = [r for r in runs if r.get("kind") == kind and r.get("budget_sparsity") == budget]
+        return found[0] if found else {}
+
+    def ppl(kind: str, budget: Any) -> tuple[str, Any]:
+        value = find(kind, budget).get("test_ppl")
+        return (f"{value:.1f}" if is_number(value) else MISSING), value
+
+    dense_text, _ = ppl("large_dense", 0.0)
+    dense_nonzero = find("large_dense", 0.0).get("nonzero_weights")
+    rows = [[f"large dense (hidden {setup.get('hidden', NOT_MEASURED)})",
+             fmt_count(dense_nonzero) if is_number(dense_nonzero) else MISSING, dense_text, MISSING, MISSING]]
+    for b in as_list(dig(doc, "meta", "budgets")):
+        if not isinstance(b, dict):
+            continue
+        s = b.get("sparsity")
+        large_text, large = ppl("large_sparse", s)
+        small_text, small = ppl("small_dense", s)
+        rows.append([f"{fmt_sparsity(s)} sparse vs hidden {b.get('small_hidden', NOT_MEASURED)}",
+                     fmt_count(b.get("nonzero_weights")), large_text, small_text,
+                     fmt_ratio(ratio_of(small, large)) if is_number(large) and is_number(small) else MISSING])
+    lines = [(f"A {setup.get('layers', NOT_MEASURED)}-layer LSTM word-level language model on five Jane Austen novels "
+              f"(test: *Persuasion*), hidden {setup.get('hidden', NOT_MEASURED)}, gradually pruned (large-sparse) vs "
+              "a dense LSTM with as many non-zero weights (small-dense), same training budget; test perplexity, "
+              f"lower is better (a report, no goal). {MISSING} = not run yet (the runs resume)."), ""]
+    lines += md_table(["budget", "non-zero weights", "large-sparse perplexity", "small-dense perplexity",
+                       "small ÷ large"], rows)
+    return "Large-sparse vs small-dense: LSTM language model", lines
+
+
 @renders("llm_perplexity*.json")
 def render_llm_perplexity(doc: dict[str, Any]) -> tuple[str, list[str]]:
     runs = {k: r for k, r in as_dict(doc.get("runs")).items() if isinstance(r, dict)}

@@ -359,3 +359,20 @@ def test_committed_readme_matches_the_committed_results(capsys):
     """The README's results section is what the committed JSON renders to (issue 2: a test checks they match)."""
     code = rt.main(["--check"])
     assert code == 0, capsys.readouterr().err
+
+
+def test_lstm_large_vs_small_shows_every_budget_and_marks_runs_not_done(goals):
+    doc = {"meta": {"setup": {"hidden": 650, "layers": 2},
+                    "budgets": [{"sparsity": 0.8, "nonzero_weights": 3952260, "small_hidden": 174},
+                                {"sparsity": 0.9, "nonzero_weights": 1976130, "small_hidden": 92}]},
+           "runs": {"large_dense/0.0/seed0": {"kind": "large_dense", "budget_sparsity": 0.0, "test_ppl": 148.19,
+                                              "nonzero_weights": 19761300},
+                    "large_sparse/0.8/seed0": {"kind": "large_sparse", "budget_sparsity": 0.8, "test_ppl": 150.0},
+                    "small_dense/0.8/seed0": {"kind": "small_dense", "budget_sparsity": 0.8, "test_ppl": 180.0},
+                    "large_sparse/0.9/seed0": {"kind": "large_sparse", "budget_sparsity": 0.9, "test_ppl": 160.0}}}
+    _, lines = rt.render_large_sparse_vs_small_dense_lstm(doc)
+    assert table_rows(lines) == [
+        "| large dense (hidden 650) | 19.8M | 148.2 | — | — |",
+        "| 80% sparse vs hidden 174 | 4.0M | 150.0 | 180.0 | 1.20x |",
+        "| 90% sparse vs hidden 92 | 2.0M | 160.0 | — | — |",
+    ]
