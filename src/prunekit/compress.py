@@ -232,15 +232,23 @@ class _Reader:
         self.streams, self.payload, self.i, self.offset = streams, payload, 0, 0
 
     def next(self, dtype: type[np.generic] = np.uint8) -> np.ndarray:
-        if self.i >= len(self.streams):
+        i, offset = self.i, self.offset
+        if i >= len(self.streams):
             raise CompressionError("the header lists fewer streams than the codec needs")
-        method, stored, size = self.streams[self.i]
-        blob = self.payload[self.offset : self.offset + stored]
-        if len(blob) != stored:
-            raise CompressionError(f"the payload ends inside stream {self.i} (truncated)")
-        self.i += 1
-        self.offset += stored
-        return np.frombuffer(_unpack(method, blob, size), dtype=dtype)
+        method, stored, size = self.streams[i]
+        end = offset + stored
+        if end > len(self.payload):
+            raise CompressionError(f"the payload ends inside stream {i} (truncated)")
+        self.i, self.offset = i + 1, end
+        if method in ("huffman", "deflate"):  # the common case, inlined (hot loop of prunekit.load)
+            try:
+                out = zlib.decompress(self.payload[offset:end], -15)
+            except zlib.error as exc:
+                raise CompressionError(f"a {method} stream does not decode: {exc}") from None
+            if len(out) != size:
+                raise CompressionError(f"a {method} stream decoded to {len(out)} bytes, expected {size}")
+            return np.frombuffer(out, dtype=dtype)
+        return np.frombuffer(_unpack(method, self.payload[offset:end], size), dtype=dtype)
 
     def done(self) -> None:
         if self.i != len(self.streams) or self.offset != len(self.payload):
@@ -836,7 +844,7 @@ def _decode(header: Mapping[str, Any], payload: bytes | memoryview | torch.Tenso
         payload = payload.contiguous().numpy().data if payload.numel() else b""
     view = memoryview(payload).cast("B")
     n = math.prod(shape)
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if layout == "raw":
         if len(view) != n * itemsize:
             raise CompressionError(f"raw tensor of shape {shape} needs {n * itemsize} bytes, got {len(view)}")
@@ -1093,19 +1101,20 @@ def decode_tensors(payload: bytes | memoryview | torch.Tensor, table: Mapping[st
         if layout == "packed":
             index, start = int(header["pack"]), int(header["start"])
             shape = tuple(int(s) for s in header["shape"])
-            if not 0 <= index < len(packs) or start < 0 or start + math.prod(shape) > packs[index].numel():
+            numel = math.prod(shape)
+            if not 0 <= index < len(packs) or start < 0 or start + numel > packs[index].numel():
                 raise CompressionError(f"{name}: bad pack reference {index}/{start}")
-            t = packs[index][start : start + math.prod(shape)]
-            if str(t.dtype).removeprefix("torch.") != header["dtype"]:
-                raise CompressionError(f"{name}: pack holds {t.dtype}, header says {header['dtype']}")
+            pack = packs[index]
+            if str(pack.dtype).removeprefix("torch.") != header["dtype"]:
+                raise CompressionError(f"{name}: pack holds {pack.dtype}, header says {header['dtype']}")
             dest = into.get(name) if into is not None else None
-            if _fits(dest, t.dtype, shape):
+            if _fits(dest, pack.dtype, shape):
                 if pack_bits[index] is None:
-                    pack_bits[index] = _as_bits(packs[index])
-                np.copyto(_as_bits(dest), pack_bits[index][start : start + t.numel()])  # type: ignore[arg-type,index]
+                    pack_bits[index] = _as_bits(pack)
+                np.copyto(_as_bits(dest), pack_bits[index][start : start + numel])  # type: ignore[arg-type,index]
                 out[name] = dest  # type: ignore[assignment]
             else:
-                out[name] = t.reshape(shape).clone()
+                out[name] = pack[start : start + numel].reshape(shape).clone()
         else:
             out[name], keep = _decode(header, chunk(header), want_keep=name in referenced,
                                       into=into.get(name) if into is not None else None)

@@ -132,6 +132,39 @@ def _checksum(tensors: Mapping[str, torch.Tensor], meta_json: str) -> str:
     return h.hexdigest()
 
 
+def _payload_checksum(payload: memoryview, meta_json: str) -> str:
+    """:func:`_checksum` of ``{PAYLOAD: payload as a uint8 tensor}``, from the bytes themselves."""
+    h = hashlib.sha256()
+    h.update(meta_json.encode())
+    h.update(f"\0{PAYLOAD}\0{torch.uint8}\0{(len(payload),)}\0".encode())
+    if len(payload):
+        h.update(payload)
+    return h.hexdigest()
+
+
+def _read_compressed(path: Path) -> tuple[dict[str, str], memoryview] | None:
+    """The metadata and payload bytes of a compressed prunekit file (a safetensors file whose one tensor is the uint8
+    payload), read in one go without building tensors. None if the file is anything else or malformed in any way;
+    :func:`read` then takes the general safetensors path, which reports what is wrong."""
+    try:
+        data = path.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        if len(data) < 8 or n > len(data) - 8:
+            return None
+        header = json.loads(data[8 : 8 + n])
+        entry, meta = header.get(PAYLOAD), header.get("__metadata__")
+        if set(header) != {PAYLOAD, "__metadata__"} or not isinstance(meta, dict) or not isinstance(entry, dict):
+            return None
+        start, end = (int(v) for v in entry["data_offsets"])
+        if entry.get("dtype") != "U8" or entry.get("shape") != [end - start] or start != 0 or 8 + n + end != len(data):
+            return None
+        if "prunekit.codecs" not in meta or not all(isinstance(v, str) for v in meta.values()):
+            return None
+        return meta, memoryview(data)[8 + n + start : 8 + n + end]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
 def _unshare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Contiguous CPU tensors that share no memory (safetensors refuses shared or strided storage)."""
     out: dict[str, torch.Tensor] = {}
@@ -234,15 +267,21 @@ def read(path: str | os.PathLike[str], *, kind: str | None = None, device: str |
     path = Path(path)
     if not path.is_file():
         raise FileFormatError(f"no such file: {path}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise FileFormatError(
-            f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}. "
-            "Re-create it from the run that produced it."
-        ) from None
+    fast = _read_compressed(path)  # compressed files: one read, the payload as bytes
+    payload: memoryview | None = None
+    if fast is not None:
+        header, payload = fast
+        tensors: dict[str, torch.Tensor] = {}
+    else:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                header = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            raise FileFormatError(
+                f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}. "
+                "Re-create it from the run that produced it."
+            ) from None
     if header.get("prunekit.format") != FORMAT:
         raise FileFormatError(f"{path} is a safetensors file but not a prunekit file (no 'prunekit.format' header)")
     version = header.get("prunekit.version", "?")
@@ -264,12 +303,13 @@ def read(path: str | os.PathLike[str], *, kind: str | None = None, device: str |
         raise FileFormatError(f"{path}: version {version} file {'without' if codecs_json is None else 'with'} "
                               "codec table (corrupted header)")
     signed = meta_json if codecs_json is None else meta_json + "\0" + codecs_json
-    if _checksum(tensors, signed) != header.get("prunekit.sha256"):
+    digest = _checksum(tensors, signed) if payload is None else _payload_checksum(payload, signed)
+    if digest != header.get("prunekit.sha256"):
         raise FileFormatError(f"{path} fails its checksum: the file was modified or corrupted after it was written")
     meta = json.loads(meta_json)
     if codecs_json is not None:
         try:
-            if set(tensors) != {PAYLOAD}:
+            if payload is None and set(tensors) != {PAYLOAD}:
                 raise CompressionError(f"a compressed file holds one tensor {PAYLOAD!r}, found {sorted(tensors)[:5]}")
             table = json.loads(codecs_json)
             if check is not None:
@@ -280,7 +320,8 @@ def read(path: str | os.PathLike[str], *, kind: str | None = None, device: str |
         if check is not None:
             check(stored, meta)
         try:
-            tensors = decode_tensors(tensors[PAYLOAD], table, into if str(device) == "cpu" else None)
+            tensors = decode_tensors(tensors[PAYLOAD] if payload is None else payload, table,
+                                     into if str(device) == "cpu" else None)
         except (CompressionError, KeyError, TypeError, ValueError) as exc:
             raise FileFormatError(f"{path}: a compressed tensor does not decode ({exc}); re-create the file") from None
     elif check is not None:
