@@ -747,7 +747,7 @@ def _decode_f32_native(lib: Any, r: _Reader, header: Mapping[str, Any], shape: t
     """Exact float32 values (``sparse`` or ``values`` layout) decoded by the compiled kernel: the same checks and
     result as the NumPy path, in one pass instead of ~25 array operations per tensor. With ``into`` (a contiguous
     CPU float32 tensor of the right shape) the values are written straight into it, which is returned."""
-    from prunekit.sparse._native import PositionStreams, TopStreams
+    from prunekit.sparse._native import PositionStreams, TopStreams  # noqa: PLC0415 - cheap after the first call
 
     pos = PositionStreams(0, n)
     keepalive: list[np.ndarray] = []  # arrays the structs point into
@@ -784,22 +784,20 @@ def _decode_f32_native(lib: Any, r: _Reader, header: Mapping[str, Any], shape: t
     exponent = r.next()
     if exponent.size != count:
         raise CompressionError(f"{exponent.size} exponents for {count} values")
-    lut = np.empty(256, dtype=np.uint16)
-    sizes = np.empty(257, dtype=np.int64)
-    parts_n = lib.context_groups(_ptr(exponent), count, _MIN_CONTEXT, _ptr(lut), _ptr(sizes))
-    parts = [r.next() for _ in range(parts_n)]
-    if [p.size for p in parts] != sizes[:parts_n].tolist():
-        raise CompressionError("a context stream has the wrong length")
-    top = np.concatenate(parts) if parts_n > 1 else parts[0]
     flip = header.get("signs") == "flip"
+    # the context parts are the streams left before the flips and the two low planes; the kernel checks their sizes
+    parts_n = len(r.streams) - r.i - (4 if flip else 2)
+    if not 1 <= parts_n <= 257:
+        raise CompressionError(f"{parts_n} context streams")
+    part_sizes = np.array([stream[2] for stream in r.streams[r.i : r.i + parts_n]], dtype=np.int64)
+    parts = [r.next() for _ in range(parts_n)]
+    top = np.concatenate(parts) if parts_n > 1 else parts[0]
     far, near = (r.next(), r.next()) if flip else (None, None)
     mid, low = r.next(), r.next()
     r.done()
-    if not mid.size == low.size == count:
+    if not top.size == mid.size == low.size == count:
         raise CompressionError("value planes of different lengths")
-    starts = np.zeros(parts_n + 1, dtype=np.int64)
-    np.cumsum(sizes[:parts_n], out=starts[1:])
-    streams = TopStreams(_ptr(exponent), _ptr(top), _ptr(starts), _ptr(lut), parts_n, _ptr(mid), _ptr(low),
+    streams = TopStreams(_ptr(exponent), _ptr(top), _ptr(part_sizes), parts_n, _MIN_CONTEXT, _ptr(mid), _ptr(low),
                          int(flip), _ptr(far), 0 if far is None else far.size, _ptr(near),
                          0 if near is None else near.size)
     out = np.empty(n, dtype=np.uint32) if into is None else into.detach().numpy().reshape(-1).view(np.uint32)

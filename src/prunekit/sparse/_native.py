@@ -324,10 +324,12 @@ void pk_mask_many_f32(float* const* w, const uint8_t* const* m, const int64_t* n
 // Decoder of prunekit.compress's exact float32 values (see prunekit/compress.py): one pass that undoes the context
 // split of the top byte, the sign flips and the byte planes, and scatters the values to their positions in `out`
 // (n floats, fully written: zeros elsewhere). The entropy-coded streams were already inflated by zlib/lzma.
-//   exponent, mid, low: one byte per kept value; top: the context parts one after the other, part g spanning
-//   [part_start[g], part_start[g + 1]); lut: exponent -> part. top holds (mantissa7 << 1) | sign, or with `flip`
-//   just mantissa7 and the signs come as packed (MSB-first) flip bits, split by whether the previous kept element is
-//   the direct neighbour (`near`) or not (`far`).
+//   exponent, mid, low: one byte per kept value; top: the context parts one after the other (`parts` of them, of
+//   part_sizes bytes). The split is prunekit.compress._context_groups: one part per exponent value seen at least
+//   min_context times (in value order), then one part for all rarer values (a single part when at most one value is
+//   frequent and none is rare); the decoder recomputes it and checks the part sizes against it. top holds
+//   (mantissa7 << 1) | sign, or with `flip` just mantissa7 and the signs come as packed (MSB-first) flip bits, split
+//   by whether the previous kept element is the direct neighbour (`near`) or not (`far`).
 //   Positions (struct pk_pos): mode 0 all n kept (count == n); 1 a packed bitmask of n_sub bits (`bits`); 2 gap
 //   bytes (`gaps`, count of them; 255 escapes into `wide`, uint32); 3 ascending int64 indices (`idx`). With
 //   live_rows/live_cols (modes 1, 2), the bitmask or gaps address the sub-grid of live rows x live columns of a
@@ -336,7 +338,7 @@ void pk_mask_many_f32(float* const* w, const uint8_t* const* m, const int64_t* n
 // Returns 0, or a negative code if the streams disagree with each other (never reads or writes out of bounds).
 // used[0..1]: flip bits read from far/near; used[2]: escapes read (the caller checks them against the stream sizes).
 struct pk_top {
-  const uint8_t* exponent; const uint8_t* top; const int64_t* part_start; const uint16_t* lut; int64_t parts;
+  const uint8_t* exponent; const uint8_t* top; const int64_t* part_sizes; int64_t parts; int64_t min_context;
   const uint8_t* mid; const uint8_t* low; int64_t flip; const uint8_t* far; int64_t far_bytes; const uint8_t* near;
   int64_t near_bytes;
 };
@@ -345,35 +347,38 @@ struct pk_pos {
   const int64_t* idx; const int64_t* live_rows; const int64_t* live_cols; int64_t n_live_cols; int64_t cols;
 };
 
-// The context split of prunekit.compress._context_groups: lut[v] = part of context value v (frequent values, those
-// seen at least min_context times, in value order; every rare value in one last part), sizes[g] = length of part g.
-// Returns the number of parts (1 when at most one value is frequent and none is rare).
-int64_t pk_context_groups(const uint8_t* ctx, int64_t count, int64_t min_context, uint16_t* lut, int64_t* sizes) {
+int pk_decode_f32(const pk_top* s, const pk_pos* q, int64_t n, int64_t count, uint32_t* out, uint8_t* keep,
+                  int64_t* used) {
+  // the context split (prunekit.compress._context_groups), checked against the parts as stored
   int64_t counts[256] = {0};
-  for (int64_t i = 0; i < count; ++i) ++counts[ctx[i]];
+  for (int64_t i = 0; i < count; ++i) ++counts[s->exponent[i]];
   int64_t frequent = 0, rare = 0;
   for (int v = 0; v < 256; ++v) {
-    if (counts[v] >= min_context) ++frequent; else rare += counts[v];
+    if (counts[v] >= s->min_context) ++frequent; else rare += counts[v];
   }
+  uint16_t lut[256];
+  int64_t sizes[257], parts;
   if (frequent <= 1 && rare == 0) {
     for (int v = 0; v < 256; ++v) lut[v] = 0;
     sizes[0] = count;
-    return 1;
+    parts = 1;
+  } else {
+    int64_t g = 0;
+    for (int v = 0; v < 256; ++v) {
+      if (counts[v] >= s->min_context) { lut[v] = (uint16_t)g; sizes[g++] = counts[v]; }
+      else lut[v] = (uint16_t)frequent;
+    }
+    sizes[frequent] = rare;
+    parts = frequent + 1;
   }
-  int64_t g = 0;
-  for (int v = 0; v < 256; ++v) {
-    if (counts[v] >= min_context) { lut[v] = (uint16_t)g; sizes[g++] = counts[v]; }
-    else lut[v] = (uint16_t)frequent;
+  if (parts != s->parts) return -4;
+  int64_t cursor[257], end[257], start = 0;
+  for (int64_t g = 0; g < parts; ++g) {
+    if (s->part_sizes[g] != sizes[g]) return -4;
+    cursor[g] = start;
+    start += sizes[g];
+    end[g] = start;
   }
-  sizes[frequent] = rare;
-  return frequent + 1;
-}
-
-int pk_decode_f32(const pk_top* s, const pk_pos* q, int64_t n, int64_t count, uint32_t* out, uint8_t* keep,
-                  int64_t* used) {
-  int64_t cursor[257], end[257];
-  if (s->parts < 1 || s->parts > 257) return -1;
-  for (int64_t g = 0; g < s->parts; ++g) { cursor[g] = s->part_start[g]; end[g] = s->part_start[g + 1]; }
   const int64_t mode = q->mode, n_sub = q->n_sub;
   const uint8_t* bits = q->bits;
   const bool live = q->live_rows != nullptr;
@@ -406,8 +411,8 @@ int pk_decode_f32(const pk_top* s, const pk_pos* q, int64_t n, int64_t count, ui
     pos = live ? q->live_rows[sub / q->n_live_cols] * q->cols + q->live_cols[sub % q->n_live_cols] : sub;
     if (pos <= prev || pos >= n) return -2;
     const uint32_t e = s->exponent[i];
-    const int64_t g = s->lut[e];
-    if (g >= s->parts || cursor[g] >= end[g]) return -4;
+    const int64_t g = lut[e];
+    if (cursor[g] >= end[g]) return -4;
     const uint32_t t = s->top[cursor[g]++];
     uint32_t mant;
     if (s->flip) {
@@ -432,7 +437,7 @@ int pk_decode_f32(const pk_top* s, const pk_pos* q, int64_t n, int64_t count, ui
   if (mode == 1) {  // no kept position may follow the last value
     for (int64_t p = sub + 1; p < n_sub; ++p) if ((bits[p >> 3] >> (7 - (p & 7))) & 1) return -2;
   }
-  for (int64_t g = 0; g < s->parts; ++g) if (cursor[g] != end[g]) return -4;
+  for (int64_t g = 0; g < parts; ++g) if (cursor[g] != end[g]) return -4;
   used[0] = jf; used[1] = jn; used[2] = w;
   return 0;
 }
@@ -490,9 +495,9 @@ class TopStreams(ctypes.Structure):
     _fields_ = [
         ("exponent", ctypes.c_void_p),
         ("top", ctypes.c_void_p),
-        ("part_start", ctypes.c_void_p),
-        ("lut", ctypes.c_void_p),
+        ("part_sizes", ctypes.c_void_p),
         ("parts", ctypes.c_int64),
+        ("min_context", ctypes.c_int64),
         ("mid", ctypes.c_void_p),
         ("low", ctypes.c_void_p),
         ("flip", ctypes.c_int64),
@@ -552,11 +557,6 @@ class NativeLibrary:
         #: ``decode_f32(top_struct, pos_struct, n, count, out, keep, used) -> status``: prunekit.compress's exact
         #: float32 values assembled and scattered in one pass (see the C source)
         self.decode_f32 = fn
-        fn = self._dll.pk_context_groups
-        fn.argtypes = [ptr, i64, i64, ptr, ptr]
-        fn.restype = i64
-        #: ``context_groups(context, count, min_context, lut_out, sizes_out) -> parts``
-        self.context_groups = fn
         self._dll.pk_isa.restype = ctypes.c_int
         self.isa = ISA_NAMES.get(int(self._dll.pk_isa()), "unknown")
 
