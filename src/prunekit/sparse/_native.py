@@ -387,7 +387,11 @@ int pk_decode_f32(const pk_top* s, const pk_pos* q, int64_t n, int64_t count, ui
     for (int64_t p = 0; p < n; ++p) out[p] = 0u;
     if (keep) for (int64_t p = 0; p < n; ++p) keep[p] = 0;
   }
-  int64_t jf = 0, jn = 0, w = 0, prev = -2, sub = -1, pos = -1;
+  int64_t w = 0, prev = -2, sub = -1, pos = -1;
+  int64_t flips_read[2] = {0, 0};  // [far, near]
+  const uint8_t* flip_streams[2] = {s->far, s->near};
+  const int64_t flip_bytes[2] = {s->far_bytes, s->near_bytes};
+  int64_t live_r = 0, live_c = -1;  // sub = live_r * n_live_cols + live_c, kept up to date without dividing
   uint32_t sign = 0;
   for (int64_t i = 0; i < count; ++i) {
     // the position of kept value i: first its index `sub` in the coded (sub-)grid, then in the tensor
@@ -408,23 +412,25 @@ int pk_decode_f32(const pk_top* s, const pk_pos* q, int64_t n, int64_t count, ui
       sub = q->idx[i];
       if (sub <= prev || sub >= n) return -2;
     }
-    pos = live ? q->live_rows[sub / q->n_live_cols] * q->cols + q->live_cols[sub % q->n_live_cols] : sub;
+    if (live) {
+      live_c += sub - (live_r * q->n_live_cols + live_c);  // advance by the distance from the previous sub-index
+      if (live_c >= q->n_live_cols) { live_r += live_c / q->n_live_cols; live_c %= q->n_live_cols; }
+      pos = q->live_rows[live_r] * q->cols + q->live_cols[live_c];
+    } else {
+      pos = sub;
+    }
     if (pos <= prev || pos >= n) return -2;
     const uint32_t e = s->exponent[i];
     const int64_t g = lut[e];
     if (cursor[g] >= end[g]) return -4;
     const uint32_t t = s->top[cursor[g]++];
     uint32_t mant;
-    if (s->flip) {
-      uint32_t bit;
-      if (pos == prev + 1) {  // the previous kept element is the direct neighbour
-        if ((jn >> 3) >= s->near_bytes) return -5;
-        bit = (s->near[jn >> 3] >> (7 - (jn & 7))) & 1u; ++jn;
-      } else {
-        if ((jf >> 3) >= s->far_bytes) return -5;
-        bit = (s->far[jf >> 3] >> (7 - (jf & 7))) & 1u; ++jf;
-      }
-      sign ^= bit;
+    if (s->flip) {  // branch-free choice of the sign stream (neighbour or not is data, not predictable)
+      const int a = pos == prev + 1;  // 1: the previous kept element is the direct neighbour
+      const int64_t j = flips_read[a];
+      if ((j >> 3) >= flip_bytes[a]) return -5;
+      sign ^= (flip_streams[a][j >> 3] >> (7 - (j & 7))) & 1u;
+      flips_read[a] = j + 1;
       mant = t;
     } else {
       sign = t & 1u;
@@ -438,7 +444,7 @@ int pk_decode_f32(const pk_top* s, const pk_pos* q, int64_t n, int64_t count, ui
     for (int64_t p = sub + 1; p < n_sub; ++p) if ((bits[p >> 3] >> (7 - (p & 7))) & 1) return -2;
   }
   for (int64_t g = 0; g < parts; ++g) if (cursor[g] != end[g]) return -4;
-  used[0] = jf; used[1] = jn; used[2] = w;
+  used[0] = flips_read[0]; used[1] = flips_read[1]; used[2] = w;
   return 0;
 }
 
