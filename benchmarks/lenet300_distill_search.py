@@ -49,6 +49,10 @@ VARIANTS: dict[str, dict[str, object]] = {
     "batch 32": {"batch_size": 32},
     "weight decay 1e-4": {"weight_decay": 1e-4},
     "weight decay 5e-4": {"weight_decay": 5e-4},
+    "linear ramp": {"exponent": 1.0},
+    "quadratic ramp": {"exponent": 2.0},
+    "ramp exponent 5": {"exponent": 5.0},
+    "100 updates per epoch": {"updates_per_epoch": 100},
 }
 
 
