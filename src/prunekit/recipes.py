@@ -113,7 +113,8 @@ def from_trained(epochs: int = 10) -> Recipe:
     a cubic ramp over the first 60% of the epochs with 20 mask updates per epoch, ERK allocation, SGD + Nesterov
     with a one-cycle learning rate peaking at 0.05. With a 10-epoch dense run this is the 2x-dense budget of
     ``benchmarks/lenet300_accuracy.py``. Chosen on the MNIST validation split (LeNet-300-100 pruned to 99.5%) against
-    variants without distillation, with other temperatures, weights, learning rates, ramp ends and allocations:
+    variants without distillation, with other temperatures, weights, learning rates, ramp ends and shapes, mask
+    update rates, batch sizes, weight decay and allocations (none scored higher):
     ``benchmarks/lenet300_distill_search.py``, results in ``benchmarks/results/lenet300_distill_search.md``.
 
     Examples:
