@@ -53,6 +53,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     "quadratic ramp": {"exponent": 2.0},
     "ramp exponent 5": {"exponent": 5.0},
     "100 updates per epoch": {"updates_per_epoch": 100},
+    "random shifts of 1 px": {"shift": 1},
+    "random shifts of 2 px": {"shift": 2},
 }
 
 
@@ -83,10 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, change in variants.items():
         if store.done(name):
             continue
-        recipe: Recipe = dataclasses.replace(BASE, **change, **({"epochs": 1} if args.quick else {}))
+        recipe_fields = {f.name for f in dataclasses.fields(Recipe)}
+        recipe_change = {k: v for k, v in change.items() if k in recipe_fields}
+        train_change = {k: v for k, v in change.items() if k not in recipe_fields}  # e.g. shift (TrainConfig only)
+        recipe: Recipe = dataclasses.replace(BASE, **recipe_change, **({"epochs": 1} if args.quick else {}))
         student = get_model("lenet300")
         student.load_state_dict(teacher.state_dict())
-        tcfg = recipe.train_config(seed=0)
+        tcfg = dataclasses.replace(recipe.train_config(seed=0), **train_change)
         spe = tcfg.steps_per_epoch(len(train_data))
         pruner = Pruner(student, args.sparsity, schedule=build_schedule(recipe.prune_config(args.sparsity), spe),
                         allocation=recipe.allocation)

@@ -377,3 +377,46 @@ def test_in_place_masking_is_visible_to_autograd_and_works_for_half_precision():
     p = prunekit.prune(half, 0.5)  # float16 goes through torch's own kernel
     assert (half[0].weight[~p.masks["0.weight"]] == 0).all()
     assert half[0].weight.dtype == torch.float16
+
+
+def _translated(img, dy, dx):
+    """Oracle: img (C x H x W) moved by (dy, dx) pixels, the border repeated where nothing comes in."""
+    _, h, w = img.shape
+    rows = [min(max(r - dy, 0), h - 1) for r in range(h)]
+    cols = [min(max(c - dx, 0), w - 1) for c in range(w)]
+    return img[:, rows][:, :, cols]
+
+
+def test_random_shift_translates_each_image_by_at_most_k_pixels_and_covers_every_shift():
+    from prunekit.train import random_shift
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 2, 7, 9, generator=g)
+    y = random_shift(x, 2, torch.Generator().manual_seed(1))
+    seen = set()
+    for img, out in zip(x, y):
+        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if torch.equal(out, _translated(img, dy, dx))]
+        assert len(matches) == 1  # random data: exactly one translation explains the output
+        seen.add(matches[0])
+    assert len(seen) == 25  # every shift in [-2, 2]^2 occurs
+    assert torch.equal(random_shift(x, 0), x)
+    with pytest.raises(ValueError, match=r"needs image batches of shape \(N, C, H, W\), got inputs of shape \(4, 784"):
+        random_shift(torch.zeros(4, 784), 2)
+
+
+def test_training_with_random_shifts_is_reproducible_and_differs_from_plain_training():
+    from torch.utils.data import TensorDataset
+
+    from prunekit.train import TrainConfig, train
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 3, (64,), generator=g))
+
+    def run(shift):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+        train(model, data, TrainConfig(epochs=2, batch_size=16, lr=0.05, shift=shift))
+        return model[1].weight.detach().clone()
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(0))

@@ -21,7 +21,17 @@ from prunekit.data.vision import loader
 from prunekit.pruner import Pruner
 from prunekit.schedules import Manual
 
-__all__ = ["Metrics", "TrainConfig", "batches", "evaluate", "make_optimizer", "measure", "prune_iteratively", "train"]
+__all__ = [
+    "Metrics",
+    "TrainConfig",
+    "batches",
+    "evaluate",
+    "make_optimizer",
+    "measure",
+    "prune_iteratively",
+    "random_shift",
+    "train",
+]
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,9 @@ class TrainConfig:
     distill: float = field(default=0.0, metadata={
         "help": "weight of the distillation loss against a teacher (0 = plain cross-entropy; needs a teacher)"})
     temperature: float = field(default=4.0, metadata={"help": "softmax temperature of the distillation loss"})
+    shift: int = field(default=0, metadata={
+        "help": "data augmentation: translate each training image by a random whole number of pixels, up to this "
+                "many in each direction (image batches N x C x H x W only; 0 = none)"})
 
     def steps_per_epoch(self, n_examples: int) -> int:
         return math.ceil(n_examples / self.batch_size)
@@ -68,6 +81,32 @@ def batches(data: Dataset, batch_size: int, *, shuffle: bool = False, seed: int 
         return batches_  # type: ignore[return-value]
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen)
+
+
+def random_shift(x: torch.Tensor, pixels: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x`` (N x C x H x W) with each image translated by a random whole number of pixels in ``[-pixels, pixels]``
+    along each axis; the pixels that come in repeat the image's border (background for MNIST-like digits).
+
+    Examples:
+        >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
+        >>> torch.equal(random_shift(x, 0), x)
+        True
+        >>> y = random_shift(x, 1, torch.Generator().manual_seed(0))
+        >>> y.shape == x.shape and set(y.unique().tolist()) <= set(x.unique().tolist())
+        True
+    """
+    if x.dim() != 4:
+        raise ValueError(f"shift={pixels} needs image batches of shape (N, C, H, W), got inputs of shape "
+                         f"{tuple(x.shape)}; set shift=0 for other data")
+    if pixels <= 0:
+        return x
+    n, c, h, w = x.shape
+    dy = torch.randint(-pixels, pixels + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(-pixels, pixels + 1, (n,), generator=generator).to(x.device)
+    rows = (torch.arange(h, device=x.device).unsqueeze(0) - dy.unsqueeze(1)).clamp_(0, h - 1)  # (n, h)
+    cols = (torch.arange(w, device=x.device).unsqueeze(0) - dx.unsqueeze(1)).clamp_(0, w - 1)  # (n, w)
+    out = x.gather(2, rows[:, None, :, None].expand(n, c, h, w))
+    return out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
 
 
 @torch.no_grad()
@@ -177,6 +216,7 @@ def train(
     if teacher is not None:
         teacher.eval()
     history: list[dict[str, Any]] = []
+    shift_gen = torch.Generator().manual_seed(cfg.seed * 7_919 + 17 + start_epoch)
     bar = tqdm(total=per_epoch * (cfg.epochs - start_epoch), desc="train", disable=not progress, leave=False)
     step = per_epoch * start_epoch
     model.train()
@@ -184,6 +224,8 @@ def train(
         total, count = 0.0, 0
         for x, y in batches(data, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch):
             x, y = x.to(device), y.to(device)
+            if cfg.shift:
+                x = random_shift(x, cfg.shift, shift_gen)
             out = model(x)
             loss = loss_fn(out, y)
             if teacher is not None and cfg.distill:
