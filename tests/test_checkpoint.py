@@ -220,3 +220,14 @@ def test_modules_with_their_own_loading_logic_go_through_load_state_dict(tmp_pat
     assert not _plain(hooked)
     load(save(net(0), tmp_path / "h.pk", compress=compress), hooked)
     assert calls == ["0."] and torch.equal(hooked[0].weight, net(0)[0].weight)
+
+    class Stateful(nn.Linear):
+        """Extra (non-tensor) state in its state dict."""
+
+        def get_extra_state(self):
+            return {"calls": 3}
+
+        def set_extra_state(self, state):
+            self.restored = state
+
+    assert not _plain(nn.Sequential(Stateful(2, 2)))

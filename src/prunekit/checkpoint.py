@@ -91,7 +91,8 @@ def _plain(model: nn.Module) -> bool:
         cls = type(m)
         if (cls._load_from_state_dict not in _PLAIN_LOADERS or cls._save_to_state_dict is not base._save_to_state_dict
                 or cls.state_dict is not base.state_dict or cls.load_state_dict is not base.load_state_dict
-                or cls.set_extra_state is not base.set_extra_state or m._load_state_dict_pre_hooks
+                or cls.get_extra_state is not base.get_extra_state or cls.set_extra_state is not base.set_extra_state
+                or m._load_state_dict_pre_hooks
                 or m._load_state_dict_post_hooks or m._state_dict_hooks or m._state_dict_pre_hooks):
             return False
     return True
@@ -237,7 +238,10 @@ def load(
         A :class:`Checkpoint` with the model, the Pruner (or None) and the ``extra`` document.
 
     Raises:
-        prunekit.fileformat.FileFormatError: If the file is missing, corrupted or not a checkpoint.
+        prunekit.fileformat.FileFormatError: If the file is missing, corrupted or not a checkpoint. Files are
+            verified (checksum, names and shapes against ``model``) before anything is written into the model; only
+            a payload that passes its checksum and still fails to decode (a writer bug) can leave the model's weights
+            partly overwritten, and that too is this error.
         ValueError: If the checkpoint was saved from another model (lists missing, unexpected and mismatched tensors).
     """
     model = unwrap(model)
