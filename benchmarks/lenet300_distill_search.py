@@ -55,6 +55,12 @@ VARIANTS: dict[str, dict[str, object]] = {
     "100 updates per epoch": {"updates_per_epoch": 100},
     "random shifts of 1 px": {"shift": 1},
     "random shifts of 2 px": {"shift": 2},
+    "label smoothing 0.1": {"label_smoothing": 0.1},
+    "lr 0.035": {"lr": 0.035},
+    "lr 0.07": {"lr": 0.07},
+    "temperature 3": {"temperature": 3.0},
+    "temperature 5": {"temperature": 5.0},
+    "distill weight 0.8": {"distill": 0.8},
 }
 
 
