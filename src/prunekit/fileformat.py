@@ -147,20 +147,24 @@ def _read_compressed(path: Path) -> tuple[dict[str, str], memoryview] | None:
     payload), read in one go without building tensors. None if the file is anything else or malformed in any way;
     :func:`read` then takes the general safetensors path, which reports what is wrong."""
     try:
-        data = path.read_bytes()
-        n = int.from_bytes(data[:8], "little")
-        if len(data) < 8 or n > len(data) - 8:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8 or n > 1 << 30:
+                return None
+            header = json.loads(f.read(n))  # the header alone first: other files are not read any further here
+            entry, meta = header.get(PAYLOAD), header.get("__metadata__")
+            if set(header) != {PAYLOAD, "__metadata__"} or not isinstance(meta, dict) or not isinstance(entry, dict):
+                return None
+            start, end = (int(v) for v in entry["data_offsets"])
+            if entry.get("dtype") != "U8" or entry.get("shape") != [end - start] or start != 0 or 8 + n + end != size:
+                return None
+            if "prunekit.codecs" not in meta or not all(isinstance(v, str) for v in meta.values()):
+                return None
+            payload = f.read()
+        if len(payload) != end:
             return None
-        header = json.loads(data[8 : 8 + n])
-        entry, meta = header.get(PAYLOAD), header.get("__metadata__")
-        if set(header) != {PAYLOAD, "__metadata__"} or not isinstance(meta, dict) or not isinstance(entry, dict):
-            return None
-        start, end = (int(v) for v in entry["data_offsets"])
-        if entry.get("dtype") != "U8" or entry.get("shape") != [end - start] or start != 0 or 8 + n + end != len(data):
-            return None
-        if "prunekit.codecs" not in meta or not all(isinstance(v, str) for v in meta.values()):
-            return None
-        return meta, memoryview(data)[8 + n + start : 8 + n + end]
+        return meta, memoryview(payload)
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
 
