@@ -98,11 +98,11 @@ def _plain(model: nn.Module) -> bool:
     return True
 
 
-def _apply(model: nn.Module, state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> None:
-    """Load the checked ``state`` into ``model`` (``own``: its ``state_dict()``). For a :func:`_plain` model this is
-    the copies ``load_state_dict`` would make, without its per-module bookkeeping (tensors decoded straight into the
-    model are already in place); any other model goes through ``load_state_dict``."""
-    if not _plain(model):
+def _apply(model: nn.Module, state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], plain: bool) -> None:
+    """Load the checked ``state`` into ``model`` (``own``: its ``state_dict()``; ``plain``: :func:`_plain` of it). For
+    a plain model this is the copies ``load_state_dict`` would make, without its per-module bookkeeping (tensors
+    decoded straight into the model are already in place); any other model goes through ``load_state_dict``."""
+    if not plain:
         model.load_state_dict(state, strict=True)
         return
     with torch.no_grad():
@@ -117,7 +117,7 @@ def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], what: str)
     mismatched tensor (``what`` starts the message, e.g. "file.pth holds weights that")."""
     own = model.state_dict()
     _check_fit(model, _shapes(own), _shapes(state), what)
-    _apply(model, state, own)
+    _apply(model, state, own, _plain(model))
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
@@ -253,9 +253,10 @@ def load(
                    f"{path} holds a checkpoint of a {meta.get('model', {}).get('class', '?')} that")
 
     # the model's own tensors are the decoder's destinations (checked first: a file that does not fit writes nothing)
-    into = {f"model/{k}": v for k, v in own.items()} if _plain(model) else None
+    plain = _plain(model)
+    into = {f"model/{k}": v for k, v in own.items()} if plain else None
     tensors, meta = read(path, kind=KIND, device=map_location, into=into, check=check)
-    _apply(model, {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}, own)
+    _apply(model, {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}, own, plain)
     pruner = None
     if "pruner" in meta:
         masks = {k.removeprefix("mask/"): v for k, v in tensors.items() if k.startswith("mask/")}

@@ -57,6 +57,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from prunekit._fast import copy_into
+
 __all__ = [
     "LZMA_MAX_BYTES",
     "LZMA_MIN_GAIN",
@@ -240,14 +242,6 @@ class _Reader:
         if end > len(self.payload):
             raise CompressionError(f"the payload ends inside stream {i} (truncated)")
         self.i, self.offset = i + 1, end
-        if method in ("huffman", "deflate"):  # the common case, inlined (hot loop of prunekit.load)
-            try:
-                out = zlib.decompress(self.payload[offset:end], -15)
-            except zlib.error as exc:
-                raise CompressionError(f"a {method} stream does not decode: {exc}") from None
-            if len(out) != size:
-                raise CompressionError(f"a {method} stream decoded to {len(out)} bytes, expected {size}")
-            return np.frombuffer(out, dtype=dtype)
         return np.frombuffer(_unpack(method, self.payload[offset:end], size), dtype=dtype)
 
     def done(self) -> None:
@@ -864,8 +858,6 @@ def _decode(header: Mapping[str, Any], payload: bytes | memoryview | torch.Tenso
             return tensor, keep if layout == "sparse" else None
     tensor, idx = _decode_numpy(r, header, layout, dtype, shape, n, itemsize)
     if fits:
-        from prunekit._fast import copy_into
-
         copy_into(into, tensor)  # type: ignore[arg-type]
         tensor = into  # type: ignore[assignment]
     if not want_keep or idx is None:

@@ -121,14 +121,20 @@ def json_text(obj: Any, **kwargs: Any) -> str:
     return json.dumps(strict_json(obj), allow_nan=False, **kwargs) + "\n"
 
 
+def _hash_tensor(h: Any, name: str, dtype: torch.dtype, shape: tuple[int, ...], data: Any) -> None:
+    """Add one tensor (its name, dtype, shape and raw bytes ``data``) to the file checksum ``h``."""
+    h.update(f"\0{name}\0{dtype}\0{shape}\0".encode())
+    if len(data):
+        h.update(data)
+
+
 def _checksum(tensors: Mapping[str, torch.Tensor], meta_json: str) -> str:
     h = hashlib.sha256()
     h.update(meta_json.encode())
     for name in sorted(tensors):
         t = tensors[name].detach()
-        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        if t.numel():
-            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        data = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""
+        _hash_tensor(h, name, t.dtype, tuple(t.shape), data)
     return h.hexdigest()
 
 
@@ -136,9 +142,7 @@ def _payload_checksum(payload: memoryview, meta_json: str) -> str:
     """:func:`_checksum` of ``{PAYLOAD: payload as a uint8 tensor}``, from the bytes themselves."""
     h = hashlib.sha256()
     h.update(meta_json.encode())
-    h.update(f"\0{PAYLOAD}\0{torch.uint8}\0{(len(payload),)}\0".encode())
-    if len(payload):
-        h.update(payload)
+    _hash_tensor(h, PAYLOAD, torch.uint8, (len(payload),), payload)
     return h.hexdigest()
 
 
