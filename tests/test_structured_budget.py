@@ -118,3 +118,50 @@ def test_latency_target_cuts_the_ranking_where_measured_latency_meets_it():
     assert p.macs[1] < p.macs[0]
     with pytest.raises(ValueError, match="time"):
         plan(model, x, latency="fast")
+
+
+@pytest.mark.parametrize("fraction", [0.7, 0.5, 0.3])
+def test_uniform_allocation_takes_the_smallest_equal_fraction_that_meets_the_budget(fraction):
+    model = _model()
+    graph = trace(model, X)
+    dense = count_macs(model, X).total
+    p = plan(model, X, macs=fraction, allocation="uniform", criterion="l1", graph=graph)
+    assert p.macs[1] <= fraction * dense  # counted on the pruned model
+    share = [g.pruned / g.units for g in p.groups]
+    # one fraction for every group: the groups differ only by rounding to whole units
+    assert max(share) - min(share) <= max(1 / g.units for g in p.groups) + 1e-9
+    # the smallest such fraction: one unit fewer in every group that lost units misses the budget
+    fewer = plan(model, X, lambda g: max(0.0, next(s for s in p.groups if s.index == g.index).pruned - 1)
+                 / g.num_units, criterion="l1", graph=graph)
+    assert fewer.macs[1] > fraction * dense
+    # the same units go as with that sparsity given directly (lowest l1 scores of each group)
+    direct = plan(model, X, lambda g: next(s for s in p.groups if s.index == g.index).pruned / g.num_units,
+                  criterion="l1", graph=graph)
+    assert direct.slices == p.slices
+    assert any("allocation 'uniform'" in n for n in p.notes)
+
+
+def test_uniform_allocation_parameters_rounding_latency_and_bad_input():
+    model = _model()
+    graph = trace(model, X)
+    params = count_params(model)
+    p = plan(model, X, params=0.5, allocation="uniform", round_to=4, graph=graph)
+    assert p.params[1] <= 0.5 * params
+    for g, s in zip(graph.groups, p.groups):
+        assert s.pruned == 0 or (g.fixed + (g.num_units - s.pruned) * g.unit_width) % 4 == 0
+    assert plan(model, X, macs=1.0, allocation="uniform", graph=graph).slices == []  # met by the dense model
+    capped = plan(model, X, macs=0.05, allocation="uniform", max_sparsity=0.5, graph=graph)
+    assert any("not reached" in n for n in capped.notes)
+    assert all(g.pruned <= 0.5 * g.units + 1 for g in capped.groups)
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        plan(model, X, macs=0.5, allocation="layerwise", graph=graph)
+    with pytest.raises(ValueError, match="spreads a budget"):
+        plan(model, X, 0.5, allocation="uniform", graph=graph)
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 8))
+    x = torch.randn(64, 256)
+    timed = plan(mlp, x, latency=LatencyTarget(fraction=0.7, repeats=5, warmup=1), allocation="uniform")
+    note = next(n for n in timed.notes if "latency" in n)
+    assert "allocation 'uniform'" in note or "not reached" in note
+    shares = {g.pruned / g.units for g in timed.groups}
+    assert len(shares) == 1 and timed.macs[1] < timed.macs[0]

@@ -175,8 +175,9 @@ def test_cli_prune_structured_runs_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["prune", "--structured", "--model", "lenet5", "--data", "mnist", "--train-subset", "2048", "--epochs",
             "1", "--criterion", "taylor", "--macs", "0.5", "--schedule", "gradual", "--end", "0.5",
-            "--calibration-batches", "2", "--round-to", "2", "--quiet", "--out", str(out)]
+            "--calibration-batches", "2", "--round-to", "2", "--allocation", "uniform", "--quiet", "--out", str(out)]
     assert main(args) == 0
+    assert json.loads((out / "config.json").read_text())["structured"]["allocation"] == "uniform"
     for name in ("config.json", "checkpoint.safetensors", "model.safetensors", "report.txt", "report.json",
                  "report.png", "metrics.json", "history.json"):
         assert (out / name).is_file(), name
@@ -191,3 +192,24 @@ def test_cli_prune_structured_runs_and_resumes(tmp_path, capsys):
     assert "already complete" in capsys.readouterr().out
     assert main(["prune", "--structured", "--model", "lenet5", "--data", "mnist", "--criterion", "magnitude",
                  "--out", str(tmp_path / "bad")]) == 2
+    assert main(["prune", "--structured", "--model", "lenet5", "--data", "mnist", "--criterion", "l2", "--macs",
+                 "0.5", "--allocation", "lamp", "--epochs", "1", "--out", str(tmp_path / "bad2")]) == 2
+    assert "--allocation lamp is for unstructured pruning" in capsys.readouterr().err
+
+
+def test_uniform_budget_pruning_removes_the_same_share_of_every_group_at_each_update():
+    torch.manual_seed(0)
+    model = ConvNet()
+    x = torch.randn(1, 3, 8, 8)
+    pruner = StructuredPruner(model, x, macs=0.5, allocation="uniform", schedule=Iterative(rounds=2, every=4))
+    first = pruner.update(1 - 0.5**0.5)
+    kept_first = {s.index: s.pruned for s in first.groups}
+    second = pruner.update()
+    dense = pruner.graph.state.macs
+    assert second.macs[1] <= 0.5 * dense < first.macs[1]
+    for plan_ in (first, second):
+        shares = [s.pruned / s.units for s in plan_.groups]
+        assert max(shares) - min(shares) <= max(1 / s.units for s in plan_.groups) + 1e-9
+    assert all(s.pruned >= kept_first[s.index] for s in second.groups)  # units stay pruned
+    with pytest.raises(ValueError, match="spreads a budget"):
+        StructuredPruner(ConvNet(), x, 0.5, allocation="uniform")

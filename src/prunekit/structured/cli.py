@@ -3,7 +3,7 @@
 Adds its flags to the ``prune`` subcommand (:func:`add_arguments`) and runs (:func:`run`) when ``--structured`` is
 given: the model trains (from ``--weights`` or from scratch) while a :class:`~prunekit.structured.StructuredPruner`
 zeroes channels on the ``--schedule`` (the same flags as unstructured pruning: ``--start``, ``--end``,
-``--updates-per-epoch``, ``--rounds``), to ``--sparsity`` of each group or to a ``--macs``/``--params`` budget,
+``--updates-per-epoch``, ``--rounds``), to ``--sparsity`` of each group or to a ``--macs``/``--params`` budget (spread by ``--allocation``),
 ranked by ``--criterion`` (``taylor``, ``activation`` and ``apoz`` calibrate on the first
 ``--calibration-batches`` training batches). Optionally ``--drop-blocks N`` first removes the N residual blocks that
 hurt least. At the end the channels are removed physically and the run directory gets ``model.safetensors`` (the
@@ -35,7 +35,7 @@ from prunekit.models import get_model
 from prunekit.structured.blocks import drop_blocks
 from prunekit.structured.criteria import criterion_names
 from prunekit.structured.gradual import StructuredPruner
-from prunekit.structured.planning import Plan
+from prunekit.structured.planning import ALLOCATIONS, Plan
 from prunekit.structured.reporting import report
 from prunekit.structured.saving import save
 from prunekit.train import TrainConfig, batches, evaluate, make_optimizer, train
@@ -57,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="remove whole channels/neurons (physically smaller model) instead of single weights; "
                             f"--criterion then is one of {criterion_names()}; --sparsity is per group")
     group.add_argument("--macs", type=_budget, default=None,
-                       help="MAC budget instead of --sparsity: fraction of dense (<= 1) or absolute count")
+                       help="MAC budget instead of --sparsity: fraction of dense (<= 1) or absolute count; "
+                            "--allocation global (rank units across groups) or uniform (the same fraction of every "
+                            "group, usually faster on CPU for the same MACs) spreads it")
     group.add_argument("--params", type=_budget, default=None,
                        help="parameter budget instead of --sparsity: fraction of dense (<= 1) or absolute count")
     group.add_argument("--round-to", type=int, default=1, help="keep channel counts a multiple of this")
@@ -90,7 +92,12 @@ def run(args: argparse.Namespace) -> int:
                          f"{criterion_names()}")
     budget = {"macs": args.macs} if args.macs is not None else {"params": args.params} if args.params is not None \
         else {}
+    if budget and args.allocation not in ALLOCATIONS:
+        raise ValueError(f"--allocation {args.allocation} is for unstructured pruning; with --structured and a budget "
+                         f"it is one of {list(ALLOCATIONS)}")
+    allocation = args.allocation if budget and args.allocation != "global" else None
     structured = {"criterion": args.criterion, "sparsity": None if budget else pcfg.sparsity, **budget,
+                  **({"allocation": allocation} if allocation else {}),  # old run directories still match
                   "round_to": args.round_to, "min_channels": args.min_channels, "max_sparsity": args.max_sparsity,
                   "calibration_batches": args.calibration_batches, "drop_blocks": args.drop_blocks}
     doc = {"model": args.model, "width": args.width, "data": args.data, "train_subset": args.train_subset,
@@ -142,7 +149,8 @@ def _run(doc: dict[str, Any], tcfg: TrainConfig, pcfg: PruneConfig, out: Path, *
         _say("\n".join(blocks.notes))
     steps_per_epoch = tcfg.steps_per_epoch(len(train_data))
     target = {k: s[k] for k in ("macs", "params") if s.get(k) is not None}
-    pruner = StructuredPruner(model, example, s["sparsity"], **target, schedule=build_schedule(pcfg, steps_per_epoch),
+    pruner = StructuredPruner(model, example, s["sparsity"], **target, allocation=s.get("allocation"),
+                              schedule=build_schedule(pcfg, steps_per_epoch),
                               criterion=s["criterion"], data=calibration, round_to=s["round_to"],
                               min_channels=s["min_channels"], max_sparsity=s["max_sparsity"])
     opt, sched = make_optimizer(model, tcfg, steps_per_epoch * tcfg.epochs)

@@ -55,6 +55,7 @@ from prunekit.structured.dependency import DependencyGraph, Group, trace
 from prunekit.structured.handlers import Handler, HandlerRegistry
 from prunekit.structured.planning import (
     Plan,
+    _check_allocation,
     _check_targets,
     _choose,
     _finish,
@@ -106,6 +107,8 @@ class StructuredPruner:
         sparsity: Final fraction of each group's units to remove (default 0.5 without a budget).
         macs: Final MAC budget (fraction of dense in (0, 1], or an absolute int).
         params: Final parameter budget, likewise.
+        allocation: How a budget is spread over the groups at each update: ``"global"`` (default) or ``"uniform"``
+            (see :func:`~prunekit.structured.plan`).
         schedule: When to re-plan (default :class:`~prunekit.OneShot`: at the first step).
         criterion: As for :func:`~prunekit.structured.plan` (``"taylor"``/``"activation"``/``"apoz"`` need ``data``).
         data: Calibration batches for data-driven criteria; kept and re-used at every update. Without labels the
@@ -132,6 +135,7 @@ class StructuredPruner:
         *,
         macs: float | int | None = None,
         params: float | int | None = None,
+        allocation: str | None = None,
         schedule: Schedule | None = None,
         criterion: str | GroupCriterion = "l2",
         data: Iterable[Any] | None = None,
@@ -146,6 +150,7 @@ class StructuredPruner:
         self.model = unwrap(model)
         self.example_inputs = example_inputs
         self.sparsity, _ = _check_targets(sparsity, macs, params, None, round_to, min_channels, max_sparsity)
+        self.allocation = _check_allocation(allocation, self.sparsity)
         if callable(self.sparsity):
             raise TypeError("StructuredPruner takes one sparsity for all groups (a float); per-group functions are "
                             "for plan()")
@@ -268,7 +273,7 @@ class StructuredPruner:
             kwargs[self.budget[0]] = 1.0 - target if target > 0 else 1.0
         pruned, notes, cost = _choose(self.model, self.example_inputs, self.graph, self.registry, score, sparsity,
                                       round_to=self.round_to, min_channels=self.min_channels,
-                                      max_sparsity=self.max_sparsity, **kwargs)
+                                      max_sparsity=self.max_sparsity, allocation=self.allocation, **kwargs)
         for g, mask in self.pruned.items():  # never bring a pruned unit back (rounding may ask for fewer)
             pruned[g] = mask | pruned[g] if g in pruned else mask.clone()
         self.pruned = {g: m.clone() for g, m in pruned.items()}

@@ -364,6 +364,7 @@ def plan(
     macs: float | int | None = None,
     params: float | int | None = None,
     latency: float | str | LatencyTarget | None = None,
+    allocation: str | None = None,
     criterion: str | GroupCriterion = "l2",
     data: Iterable[Any] | None = None,
     loss: str | Callable[..., torch.Tensor] | None = None,
@@ -381,11 +382,17 @@ def plan(
     Two kinds of target:
 
     * ``sparsity``: remove that fraction of each group's units (the lowest-scoring ones), group by group.
-    * a budget, ``macs=``, ``params=`` or ``latency=``: rank units across all groups by their score per MAC (or
-      parameter) saved, scores L2-normalised per group, and remove the lowest until the budget is met
-      (:func:`prunekit.structured.budget.greedy`; MACs and parameters predicted analytically, then counted). For
-      ``latency`` the same ranking is cut where the pruned model's *measured* latency (median of repeats, see
-      :func:`~prunekit.structured.measure_latency`) first meets the target (found by bisection).
+    * a budget, ``macs=``, ``params=`` or ``latency=``, met in one of two ways (``allocation``):
+
+      - ``"global"`` (default): rank units across all groups by their score per MAC (or parameter) saved, scores
+        L2-normalised per group, and remove the lowest until the budget is met
+        (:func:`prunekit.structured.budget.greedy`; MACs and parameters predicted analytically, then counted). For
+        ``latency`` the same ranking is cut where the pruned model's *measured* latency (median of repeats, see
+        :func:`~prunekit.structured.measure_latency`) first meets the target (found by bisection).
+      - ``"uniform"``: the same fraction of every group, the smallest that meets the budget (found by bisection on
+        the predicted MACs/parameters, or on the measured latency). Every layer keeps the same share of its width,
+        which keeps thin, memory-bound layers (depthwise convolutions, squeeze-excitation) from being stripped
+        while wide ones stay whole: on CPU that is usually the faster model for the same MACs.
 
     Args:
         model: The model (not changed).
@@ -397,6 +404,8 @@ def plan(
         params: Parameter budget, likewise.
         latency: Latency budget: a fraction of the dense model's measured latency (float in (0, 1]), a time such as
             ``"5ms"``, or a :class:`LatencyTarget` (which also sets the inputs, repeats and threads of the timing).
+        allocation: How a budget is spread over the groups: ``"global"`` (default) or ``"uniform"`` (see above).
+            Only with a budget: ``sparsity=`` is uniform already.
         criterion: ``"l1"``, ``"l2"`` (group weight norms), ``"random"``, ``"bn_scale"``, or, with ``data``,
             ``"taylor"``, ``"activation"``, ``"apoz"``; or a callable ``criterion(group, tensors) -> scores``
             (see :mod:`prunekit.structured.criteria`); lowest scores go.
@@ -423,7 +432,7 @@ def plan(
     Raises:
         TypeError: For arguments of the wrong type.
         ValueError: For an out-of-range sparsity, budget, ``round_to`` or ``min_channels``, both a sparsity and a
-            budget, or scores of the wrong shape.
+            budget, an unknown ``allocation`` (or one without a budget), or scores of the wrong shape.
         UnsupportedOpError: If the model runs an operation prunekit cannot follow (see :func:`trace`).
         PlanApplyError: If the pruned model does not run (the message names the module to give a handler).
 
@@ -434,15 +443,19 @@ def plan(
         >>> p = plan(model, torch.randn(1, 3, 16, 16), macs=0.5, round_to=8)
         >>> p.macs[1] <= 0.5 * p.macs[0], [g.units - g.pruned for g in p.groups]
         (True, [8, 32])
+        >>> p = plan(model, torch.randn(1, 3, 16, 16), macs=0.5, allocation="uniform", round_to=8)
+        >>> p.macs[1] <= 0.5 * p.macs[0], [g.units - g.pruned for g in p.groups]
+        (True, [16, 16])
     """
     sparsity, target_latency = _check_targets(sparsity, macs, params, latency, round_to, min_channels, max_sparsity)
+    allocation = _check_allocation(allocation, sparsity)
     score = get_criterion(criterion, data=data, loss=loss)
     registry = graph.handlers if graph is not None and handlers is None else _registry(handlers)
     if graph is None:
         graph = trace(model, example_inputs, ignore=ignore, leaves=leaves, handlers=registry)
     pruned, notes, cost = _choose(model, example_inputs, graph, registry, score, sparsity, macs=macs, params=params,
                                   latency=target_latency, round_to=round_to, min_channels=min_channels,
-                                  max_sparsity=max_sparsity)
+                                  max_sparsity=max_sparsity, allocation=allocation)
     name = criterion if isinstance(criterion, str) else getattr(score, "name", None)
     return _finish(model, example_inputs, graph, registry, pruned, notes + list(getattr(score, "notes", [])), name,
                    verify=verify, cost=cost)
@@ -476,9 +489,25 @@ def _check_targets(sparsity: Any, macs: Any, params: Any, latency: Any, round_to
                     f"got {latency!r}")
 
 
+ALLOCATIONS = ("global", "uniform")
+
+
+def _check_allocation(allocation: Any, sparsity: Any) -> str:
+    """Validate ``allocation`` (None -> "global"); it chooses how a budget is spread, so it needs a budget."""
+    if allocation is None:
+        return "global"
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {list(ALLOCATIONS)}, got {allocation!r}")
+    if sparsity is not None:
+        raise ValueError(f"allocation={allocation!r} spreads a budget (macs=, params= or latency=) over the groups; "
+                         f"sparsity={sparsity!r} already removes that fraction of every group. Give a budget "
+                         "instead, or drop allocation=")
+    return str(allocation)
+
+
 def _choose(model: nn.Module, example_inputs: Any, graph: DependencyGraph, registry: HandlerRegistry,
             score: GroupCriterion, sparsity: Any, *, macs: Any, params: Any, latency: LatencyTarget | None,
-            round_to: int, min_channels: int, max_sparsity: float | None,
+            round_to: int, min_channels: int, max_sparsity: float | None, allocation: str = "global",
             ) -> tuple[dict[int, torch.Tensor], list[str], CostModel | None]:
     """Which units to prune: ``{group index: bool per unit}``, notes, and the cost model if one was built."""
     prepare = getattr(score, "prepare", None)
@@ -495,6 +524,12 @@ def _choose(model: nn.Module, example_inputs: Any, graph: DependencyGraph, regis
                 pruned[g.index] = _select(g, _scores(score, g, tensors), k, min_channels)
         return pruned, notes, None
     cost = CostModel(model, graph)
+    if allocation == "uniform":
+        raw = {g.index: _scores(score, g, tensors) for g in graph.groups}
+        pruned, note = _uniform_search(model, example_inputs, graph, registry, cost, raw, macs=macs, params=params,
+                                       latency=latency, round_to=round_to, min_channels=min_channels,
+                                       max_sparsity=max_sparsity)
+        return pruned, [note], cost
     scores = {g.index: normalize(_scores(score, g, tensors)) for g in graph.groups}
     limit = 0.8 if max_sparsity is None else max_sparsity
     if latency is not None:
@@ -579,6 +614,62 @@ def _latency_search(model: nn.Module, example_inputs: Any, graph: DependencyGrap
     return masks_after(graph, steps, hi), (f"target: latency <= {goal * 1e3:.3f} ms (dense {dense * 1e3:.3f} ms); "
                                            f"measured {seconds(hi) * 1e3:.3f} ms after {hi} of {len(steps)} steps, "
                                            f"{len(measured)} measurements")
+
+
+def _uniform_search(model: nn.Module, example_inputs: Any, graph: DependencyGraph, registry: HandlerRegistry,
+                    cost: CostModel, scores: Mapping[int, torch.Tensor], *, macs: Any, params: Any,
+                    latency: LatencyTarget | None, round_to: int, min_channels: int, max_sparsity: float | None,
+                    ) -> tuple[dict[int, torch.Tensor], str]:
+    """The smallest fraction of every group's units whose removal meets the budget (bisection; ``allocation=
+    "uniform"``). The cost only falls as the fraction grows (rounding moves it in steps), so bisection finds it."""
+    cap = 0.95 if max_sparsity is None else max_sparsity
+
+    def masks(s: float) -> dict[int, torch.Tensor]:
+        out = {}
+        for g in graph.groups:
+            k = _count(g, s, round_to, min_channels)
+            if k:
+                out[g.index] = _select(g, scores[g.index], k, min_channels)
+        return out
+
+    if latency is not None:
+        inputs = latency.inputs if latency.inputs is not None else example_inputs
+        timing = {"repeats": latency.repeats, "warmup": latency.warmup, "threads": latency.threads}
+        measured: dict[float, float] = {}
+
+        def value(s: float) -> float:
+            if s not in measured:
+                small = model if s == 0 else apply_plan_copy(_make_plan(model, graph, masks(s), registry, []), model)
+                measured[s] = measure_latency(small, inputs, **timing)["model"].median
+            return measured[s]
+
+        dense = value(0.0)
+        goal = latency.seconds if latency.seconds is not None else float(latency.fraction) * dense
+        what, unit, scale, steps = "latency", "ms", 1e3, 8
+    else:
+        which = "params" if params is not None else "macs"
+        dense = float(cost.total_params if which == "params" else cost.total_macs)
+        goal = float(_budget(params if which == "params" else macs, int(dense), which))  # type: ignore[arg-type]
+
+        def value(s: float) -> float:
+            return float(cost.params(masks(s)) if which == "params" else cost.macs(masks(s)))
+
+        what, unit, scale, steps = which, "", 1.0, 20
+    if value(0.0) <= goal:
+        return {}, f"target: {what} <= {goal * scale:.6g}{unit}: met by the dense model"
+    if value(cap) > goal:
+        return masks(cap), (f"{what} target {goal * scale:.6g}{unit} not reached with allocation='uniform': "
+                            f"{value(cap) * scale:.6g}{unit} at the largest fraction per group ({cap}); lower "
+                            f"min_channels/round_to or raise max_sparsity")
+    lo, hi = 0.0, cap  # invariant: value(lo) > goal >= value(hi)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if value(mid) <= goal:
+            hi = mid
+        else:
+            lo = mid
+    return masks(hi), (f"target: {what} <= {goal * scale:.6g}{unit} ({goal / dense:.3f} of dense), allocation "
+                       f"'uniform': {hi:.3f} of every group's units, {what} {value(hi) * scale:.6g}{unit}")
 
 
 def apply_plan_copy(candidate: Plan, model: nn.Module) -> nn.Module:
