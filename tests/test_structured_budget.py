@@ -9,7 +9,7 @@ from torch import nn
 
 from prunekit.flops import count_macs, count_params
 from prunekit.structured import CostModel, LatencyTarget, plan, trace
-from prunekit.structured.budget import greedy
+from prunekit.structured.budget import LatencyCostModel, greedy
 
 
 class Net(nn.Module):
@@ -165,3 +165,53 @@ def test_uniform_allocation_parameters_rounding_latency_and_bad_input():
     assert "allocation 'uniform'" in note or "not reached" in note
     shares = {g.pruned / g.units for g in timed.groups}
     assert len(shares) == 1 and timed.macs[1] < timed.macs[0]
+
+
+def test_latency_cost_model_scales_each_layers_measured_time_by_its_share_left():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(1, 3, 10, 10)
+    graph = trace(model, x)
+    (group,) = graph.groups  # conv 0's filters = conv 2's input channels
+    times = {"0": 1.0, "1": 0.5, "2": 2.0, "": 4.0}  # 0.5 s outside the layers
+    cost = LatencyCostModel(model, graph, times)
+    assert cost.seconds() == pytest.approx(4.0) and cost.fixed_seconds == pytest.approx(0.5)
+    half = {group.index: torch.arange(8) < 4}
+    # conv 0 and the ReLU shrink with their output channels, conv 2 with its input channels: 0.5 + 0.25 + 1.0 + 0.5
+    assert cost.seconds(half) == pytest.approx(2.25)
+    assert (cost.macs(half), cost.params(half)) == (CostModel(model, graph).macs(half),
+                                                    CostModel(model, graph).params(half))
+
+
+def test_ranking_by_seconds_saved_removes_the_slow_layers_units_first():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2)).eval()
+    x = torch.randn(4, 16)
+    graph = trace(model, x)
+    first, second = sorted(graph.groups, key=lambda g: g.members[0].name)
+    assert first.members[0].name.startswith("0.")
+    scores = {g.index: torch.ones(g.num_units) for g in graph.groups}
+    for slow, fast in (("1", "3"), ("3", "1")):  # the ReLU after one hidden layer is slow
+        times = {"0": 0.1, "2": 0.1, "4": 0.1, slow: 5.0, fast: 0.01, "": 6.0}
+        cost = LatencyCostModel(model, graph, times)
+        _, steps = greedy(graph, cost, scores, which="seconds", target=0.0, exhaust=True, max_sparsity=0.5)
+        expected = first.index if slow == "1" else second.index
+        assert [s.group for s in steps[:8]] == [expected] * 8
+        assert all(b.cost < a.cost for a, b in zip(steps, steps[1:]))  # every step saves time
+
+
+def test_latency_allocation_keeps_the_fastest_measured_candidate_within_the_budget():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(64, 10)).eval()
+    x = torch.randn(4, 3, 32, 32)
+    p = plan(model, x, macs=0.5, allocation="latency", round_to=8)
+    assert p.macs[1] <= 0.5 * p.macs[0]  # counted on the pruned model
+    note = next(n for n in p.notes if "allocation 'latency'" in n)
+    assert note.count(" ms (predicted ") == 3 and "uniform" in note and "profile of the dense model" in note
+    chosen = note.split("; kept: ")[1].split(";")[0]
+    assert chosen in ("uniform", "ranked, at most 0.5 of a group", "ranked, at most 0.8 of a group")
+    timed = plan(model, x, latency=LatencyTarget(fraction=0.8, repeats=3, warmup=1), allocation="latency")
+    assert any("ranked by score per second saved" in n for n in timed.notes)
+    assert any("measured" in n or "not reached" in n for n in timed.notes)

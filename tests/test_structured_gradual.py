@@ -194,7 +194,7 @@ def test_cli_prune_structured_runs_and_resumes(tmp_path, capsys):
                  "--out", str(tmp_path / "bad")]) == 2
     assert main(["prune", "--structured", "--model", "lenet5", "--data", "mnist", "--criterion", "l2", "--macs",
                  "0.5", "--allocation", "lamp", "--epochs", "1", "--out", str(tmp_path / "bad2")]) == 2
-    assert "--allocation lamp is for unstructured pruning" in capsys.readouterr().err
+    assert "--allocation lamp is not for structured pruning" in capsys.readouterr().err
 
 
 def test_uniform_budget_pruning_removes_the_same_share_of_every_group_at_each_update():
@@ -213,3 +213,5 @@ def test_uniform_budget_pruning_removes_the_same_share_of_every_group_at_each_up
     assert all(s.pruned >= kept_first[s.index] for s in second.groups)  # units stay pruned
     with pytest.raises(ValueError, match="spreads a budget"):
         StructuredPruner(ConvNet(), x, 0.5, allocation="uniform")
+    with pytest.raises(ValueError, match="once"):
+        StructuredPruner(ConvNet(), x, macs=0.5, allocation="latency")

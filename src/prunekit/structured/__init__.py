@@ -28,7 +28,7 @@ Gradual pruning with fine-tuning::
 
 from prunekit.structured.applying import PlanApplyError
 from prunekit.structured.blocks import drop_blocks, residual_blocks
-from prunekit.structured.budget import CostModel
+from prunekit.structured.budget import CostModel, LatencyCostModel
 from prunekit.structured.criteria import (
     CRITERIA,
     ActivationScore,
@@ -61,9 +61,9 @@ from prunekit.structured.tracer import UnsupportedOpError
 
 __all__ = [
     "CRITERIA", "HANDLERS", "ActivationScore", "BatchNormScale", "CostModel", "DependencyGraph", "Field", "Group",
-    "GroupCriterion", "GroupSummary", "Handler", "HandlerRegistry", "LayerRow", "Latency", "LatencyTarget", "Member",
-    "ModuleSizes", "ModuleUpdate", "MultiheadAttention", "Plan", "PlanApplyError", "RandomGroupScore", "Slice",
-    "StructuredPruner", "StructuredReport", "TaylorScore", "UnsupportedOpError", "criterion_names", "drop_blocks",
-    "l1_group", "l2_group", "load", "measure_latency", "normalize", "per_position", "plan", "register_handler",
-    "report", "residual_blocks", "save", "trace",
+    "GroupCriterion", "GroupSummary", "Handler", "HandlerRegistry", "LayerRow", "Latency", "LatencyCostModel",
+    "LatencyTarget", "Member", "ModuleSizes", "ModuleUpdate", "MultiheadAttention", "Plan", "PlanApplyError",
+    "RandomGroupScore", "Slice", "StructuredPruner", "StructuredReport", "TaylorScore", "UnsupportedOpError",
+    "criterion_names", "drop_blocks", "l1_group", "l2_group", "load", "measure_latency", "normalize", "per_position",
+    "plan", "register_handler", "report", "residual_blocks", "save", "trace",
 ]

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunekit.structured.dependency import DependencyGraph, Group
+from prunekit.structured.dependency import DependencyGraph, Group, Member
 
-__all__ = ["Chunk", "CostModel", "greedy"]
+__all__ = ["Chunk", "CostModel", "LatencyCostModel", "greedy"]
 
 
 class CostModel:
@@ -98,6 +98,79 @@ class CostModel:
         """Predicted parameter count with ``pruned`` units removed."""
         return int(round(self.fixed_params + self._cost(self.kept(pruned), 1)))
 
+    def fixed(self, which: str) -> float:
+        """The part of the ``which`` cost (``"macs"``, ``"params"``) that no pruning changes."""
+        return float(self.fixed_macs if which == "macs" else self.fixed_params)
+
+
+class LatencyCostModel(CostModel):
+    """A :class:`CostModel` that also predicts seconds, from a profile of the dense model's layers.
+
+    Every layer (a module that runs no submodule) keeps its measured time times the share of its work left:
+
+    * a layer with weights (convolution, linear, attention, normalisation): its time is split over its weights in
+      proportion to their MACs (normalisation weights, which have none, take it whole), and each part shrinks as
+      that weight's MACs do (a convolution between two groups with both, a depthwise one with its channels);
+    * a layer without weights (activation, pooling, dropout) whose output channels belong to one group: in
+      proportion to the channels left.
+
+    Time in no such layer (the model's own code between layers: additions, concatenations) is kept as it is. The
+    prediction ignores that thin layers run below their MAC rate, so it is for *ranking* removals, not for promising
+    a latency: the plan measures the pruned model when asked for ``latency=``.
+
+    Args:
+        model: The model the graph was traced from.
+        graph: Its :class:`~prunekit.structured.DependencyGraph`.
+        times: Seconds per layer name, with ``""`` for the whole forward pass (as
+            :func:`~prunekit.structured.latency.layer_times` returns them).
+    """
+
+    def __init__(self, model: nn.Module, graph: DependencyGraph, times: Mapping[str, float]) -> None:
+        super().__init__(model, graph)
+        self.total_seconds = float(times.get("", sum(t for n, t in times.items() if n)))
+        by_param = getattr(graph.state, "macs_by_param", {}) or {}
+        seconds: dict[str, float] = {}
+        outputs: dict[str, tuple[int, Member]] = {}
+        for g in graph.groups:
+            for m in g.activations:
+                outputs.setdefault(m.name, (g.index, m))
+        modules = dict(model.named_modules())
+        for layer, t in times.items():
+            module = modules.get(layer) if layer else None
+            if module is None:
+                continue
+            prefix = f"{layer}." if layer else ""
+            owned = [prefix + n for n, _ in module.named_parameters()]
+            weights = {n: float(by_param.get(n, 0)) for n in owned if n in self.base}
+            heavy = {n: w for n, w in weights.items() if w > 0}
+            if heavy:
+                total = sum(heavy.values())
+                for n, w in heavy.items():
+                    seconds[n] = seconds.get(n, 0.0) + t * w / total
+            elif weights:
+                n = next(iter(weights))
+                seconds[n] = seconds.get(n, 0.0) + t
+            elif layer in outputs and not owned:
+                g, member = outputs[layer]
+                name = f"<output of {layer}>"
+                key = (name, member.dim)
+                self.sizes[key] = int(member.unit.numel())
+                counts = torch.bincount(member.unit[member.unit >= 0], minlength=graph.groups[g].num_units).double()
+                self.positions[g].append((key, counts))
+                self.tensor_dims[name] = [key]
+                self.base[name] = (0.0, 0.0)
+                seconds[name] = t
+        self.base = {name: (*b[:2], seconds.get(name, 0.0)) for name, b in self.base.items()}
+        self.attributed = sum(b[2] for b in self.base.values())
+        self.fixed_seconds = max(self.total_seconds - self.attributed, 0.0)
+
+    def seconds(self, pruned: Mapping[int, torch.Tensor] | None = None) -> float:
+        """Predicted seconds per forward pass with ``pruned`` units removed (see the class docstring)."""
+        return self.fixed_seconds + self._cost(self.kept(pruned), 2)
+
+    def fixed(self, which: str) -> float:
+        return self.fixed_seconds if which == "seconds" else super().fixed(which)
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -117,7 +190,7 @@ def greedy(graph: DependencyGraph, cost: CostModel, scores: Mapping[int, torch.T
         graph: The dependency graph.
         cost: Its :class:`CostModel`.
         scores: Per group index, normalised scores per unit (higher = kept; ``-inf`` = must go).
-        which: ``"macs"`` or ``"params"``.
+        which: ``"macs"``, ``"params"`` or, with a :class:`LatencyCostModel`, ``"seconds"``.
         target: The budget in that unit.
         round_to: Keep every group's channel count (along its narrowest member) a multiple of this, where possible.
         min_channels: Keep at least this many channels in every group and every member tensor dimension.
@@ -127,13 +200,13 @@ def greedy(graph: DependencyGraph, cost: CostModel, scores: Mapping[int, torch.T
     Returns:
         ``pruned`` (group index -> bool per unit) after the steps that reach the target, and every step taken.
     """
-    index = 0 if which == "macs" else 1
+    index = ("macs", "params", "seconds").index(which)
     groups = graph.groups
     kept = cost.kept()
     tensor_cost = {}
     for name, dims in cost.tensor_dims.items():
         tensor_cost[name] = cost.base[name][index]
-    total = (cost.fixed_macs if index == 0 else cost.fixed_params) + sum(tensor_cost.values())
+    total = cost.fixed(which) + sum(tensor_cost.values())
     order = {g.index: torch.argsort(scores[g.index], stable=True).tolist() for g in groups if g.index in scores}
     removed = {g.index: torch.zeros(g.num_units, dtype=torch.bool) for g in groups}
     taken = dict.fromkeys(removed, 0)

@@ -3,8 +3,8 @@
 Adds its flags to the ``prune`` subcommand (:func:`add_arguments`) and runs (:func:`run`) when ``--structured`` is
 given: the model trains (from ``--weights`` or from scratch) while a :class:`~prunekit.structured.StructuredPruner`
 zeroes channels on the ``--schedule`` (the same flags as unstructured pruning: ``--start``, ``--end``,
-``--updates-per-epoch``, ``--rounds``), to ``--sparsity`` of each group or to a ``--macs``/``--params`` budget (spread by ``--allocation``),
-ranked by ``--criterion`` (``taylor``, ``activation`` and ``apoz`` calibrate on the first
+``--updates-per-epoch``, ``--rounds``), to ``--sparsity`` of each group or to a ``--macs``/``--params`` budget
+(spread by ``--allocation global|uniform``), ranked by ``--criterion`` (``taylor``, ``activation`` and ``apoz`` calibrate on the first
 ``--calibration-batches`` training batches). Optionally ``--drop-blocks N`` first removes the N residual blocks that
 hurt least. At the end the channels are removed physically and the run directory gets ``model.safetensors`` (the
 small model's weights plus its plan, loadable with :func:`prunekit.structured.load` into a fresh model),
@@ -35,7 +35,7 @@ from prunekit.models import get_model
 from prunekit.structured.blocks import drop_blocks
 from prunekit.structured.criteria import criterion_names
 from prunekit.structured.gradual import StructuredPruner
-from prunekit.structured.planning import ALLOCATIONS, Plan
+from prunekit.structured.planning import Plan
 from prunekit.structured.reporting import report
 from prunekit.structured.saving import save
 from prunekit.train import TrainConfig, batches, evaluate, make_optimizer, train
@@ -92,9 +92,9 @@ def run(args: argparse.Namespace) -> int:
                          f"{criterion_names()}")
     budget = {"macs": args.macs} if args.macs is not None else {"params": args.params} if args.params is not None \
         else {}
-    if budget and args.allocation not in ALLOCATIONS:
-        raise ValueError(f"--allocation {args.allocation} is for unstructured pruning; with --structured and a budget "
-                         f"it is one of {list(ALLOCATIONS)}")
+    if budget and args.allocation not in ("global", "uniform"):
+        raise ValueError(f"--allocation {args.allocation} is not for structured pruning with fine-tuning; with "
+                         "--structured and a budget it is global or uniform")
     allocation = args.allocation if budget and args.allocation != "global" else None
     structured = {"criterion": args.criterion, "sparsity": None if budget else pcfg.sparsity, **budget,
                   **({"allocation": allocation} if allocation else {}),  # old run directories still match

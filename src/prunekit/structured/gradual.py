@@ -108,7 +108,7 @@ class StructuredPruner:
         macs: Final MAC budget (fraction of dense in (0, 1], or an absolute int).
         params: Final parameter budget, likewise.
         allocation: How a budget is spread over the groups at each update: ``"global"`` (default) or ``"uniform"``
-            (see :func:`~prunekit.structured.plan`).
+            (see :func:`~prunekit.structured.plan`; ``"latency"`` is for one-shot plans).
         schedule: When to re-plan (default :class:`~prunekit.OneShot`: at the first step).
         criterion: As for :func:`~prunekit.structured.plan` (``"taylor"``/``"activation"``/``"apoz"`` need ``data``).
         data: Calibration batches for data-driven criteria; kept and re-used at every update. Without labels the
@@ -151,6 +151,10 @@ class StructuredPruner:
         self.example_inputs = example_inputs
         self.sparsity, _ = _check_targets(sparsity, macs, params, None, round_to, min_channels, max_sparsity)
         self.allocation = _check_allocation(allocation, self.sparsity)
+        if self.allocation == "latency":
+            raise ValueError("allocation='latency' times candidate models, once; StructuredPruner re-plans at every "
+                             "update. Plan once with prunekit.structured.plan(..., allocation='latency'), or use "
+                             "allocation='uniform' or 'global' here")
         if callable(self.sparsity):
             raise TypeError("StructuredPruner takes one sparsity for all groups (a float); per-group functions are "
                             "for plan()")

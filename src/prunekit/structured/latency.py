@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
 from prunekit.flops import _split_inputs
 
-__all__ = ["Latency", "LatencyTarget", "measure_latency", "parse_seconds"]
+__all__ = ["Latency", "LatencyTarget", "layer_times", "measure_latency", "parse_seconds"]
 
 
 @dataclass(frozen=True)
@@ -151,3 +152,62 @@ def measure_latency(models: nn.Module | Mapping[str, nn.Module], example_inputs:
             for m, mode in pairs:
                 m.training = mode
     return {name: Latency(statistics.median(s), tuple(s), number) for name, s in samples.items()}
+
+
+def layer_times(models: Mapping[str, nn.Module], example_inputs: Any, repeats: int = 5, warmup: int = 2,
+                threads: int | None = 2) -> dict[str, dict[str, float]]:
+    """Median seconds per forward pass of every layer, per model (hooked runs, interleaved, ``inference_mode``).
+
+    A layer is a module that runs no submodule (``nn.MultiheadAttention``, whose output projection is not called as a
+    module, is one). The time of a layer is that between its forward pre- and post-hook; the hooks cost a few
+    microseconds each, so this is for finding where the time goes. ``""`` holds the whole forward pass.
+
+    Returns:
+        ``{model key: {layer name: seconds}}``.
+    """
+    args, kwargs = _split_inputs(example_inputs)
+    names_of = {id(m): n for model in models.values() for n, m in model.named_modules()}
+    stack: list[list[Any]] = []  # [name, start, had_child]
+    current: dict[str, float] = {}
+
+    def pre(module: nn.Module, inputs: Any) -> None:
+        name = names_of.get(id(module))
+        if name is None:
+            return
+        if stack:
+            stack[-1][2] = True
+        stack.append([name, time.perf_counter(), False, module])
+
+    def post(module: nn.Module, inputs: Any, output: Any) -> None:
+        if not stack or stack[-1][3] is not module:
+            return
+        name, start, had_child, _ = stack.pop()
+        if not had_child and name:
+            current[name] = current.get(name, 0.0) + time.perf_counter() - start
+
+    samples: dict[str, dict[str, list[float]]] = {k: {} for k in models}
+    before = torch.get_num_threads()
+    h1 = module_hooks.register_module_forward_pre_hook(pre)
+    h2 = module_hooks.register_module_forward_hook(post)
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        keys = list(models)
+        with torch.inference_mode():
+            for r in range(warmup + repeats):
+                k0 = r % len(keys)
+                for key in keys[k0:] + keys[:k0]:
+                    current.clear()
+                    stack.clear()
+                    t0 = time.perf_counter()
+                    models[key](*args, **kwargs)
+                    total = time.perf_counter() - t0
+                    if r >= warmup:
+                        for name, t in current.items():
+                            samples[key].setdefault(name, []).append(t)
+                        samples[key].setdefault("", []).append(total)
+    finally:
+        h1.remove()
+        h2.remove()
+        torch.set_num_threads(before)
+    return {key: {name: statistics.median(ts) for name, ts in per.items()} for key, per in samples.items()}

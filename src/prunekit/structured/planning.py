@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -38,11 +38,11 @@ from torch.utils._pytree import tree_flatten
 from prunekit.flops import count_params
 from prunekit.masks import Mask
 from prunekit.structured.applying import apply_plan, structural_copy
-from prunekit.structured.budget import CostModel, greedy, masks_after
+from prunekit.structured.budget import Chunk, CostModel, LatencyCostModel, greedy, masks_after
 from prunekit.structured.criteria import GroupCriterion, get_criterion, normalize
 from prunekit.structured.dependency import DependencyGraph, Group, _registry, trace
 from prunekit.structured.handlers import Handler, HandlerRegistry, ModuleSizes
-from prunekit.structured.latency import LatencyTarget, measure_latency, parse_seconds
+from prunekit.structured.latency import LatencyTarget, layer_times, measure_latency, parse_seconds
 from prunekit.targets import check_sparsity
 
 __all__ = ["GroupSummary", "ModuleUpdate", "Plan", "Slice", "plan"]
@@ -393,6 +393,15 @@ def plan(
         the predicted MACs/parameters, or on the measured latency). Every layer keeps the same share of its width,
         which keeps thin, memory-bound layers (depthwise convolutions, squeeze-excitation) from being stripped
         while wide ones stay whole: on CPU that is usually the faster model for the same MACs.
+      - ``"latency"``: the fastest model that meets the budget, among measured candidates. The dense model's
+        layers are profiled on the example inputs (or the :class:`LatencyTarget`'s inputs and threads), which
+        predicts the seconds each unit saves (:class:`~prunekit.structured.budget.LatencyCostModel`); units ranked
+        by score per second saved (layers slow for their MACs, such as early high-resolution layers, pooling and
+        normalisation, shrink first), cut at the budget, with at most half or at most ``max_sparsity`` of any
+        group, are two candidates, the ``"uniform"`` allocation the third; each is applied to a copy and timed
+        (:func:`~prunekit.structured.measure_latency`), and the fastest is kept. The prediction ignores that thin
+        layers run below their MAC rate, hence the measurement. With ``latency=`` the ranking is cut where the
+        measured latency meets the target. Profile with the batch size you will run.
 
     Args:
         model: The model (not changed).
@@ -404,8 +413,8 @@ def plan(
         params: Parameter budget, likewise.
         latency: Latency budget: a fraction of the dense model's measured latency (float in (0, 1]), a time such as
             ``"5ms"``, or a :class:`LatencyTarget` (which also sets the inputs, repeats and threads of the timing).
-        allocation: How a budget is spread over the groups: ``"global"`` (default) or ``"uniform"`` (see above).
-            Only with a budget: ``sparsity=`` is uniform already.
+        allocation: How a budget is spread over the groups: ``"global"`` (default), ``"uniform"`` or
+            ``"latency"`` (see above). Only with a budget: ``sparsity=`` is uniform already.
         criterion: ``"l1"``, ``"l2"`` (group weight norms), ``"random"``, ``"bn_scale"``, or, with ``data``,
             ``"taylor"``, ``"activation"``, ``"apoz"``; or a callable ``criterion(group, tensors) -> scores``
             (see :mod:`prunekit.structured.criteria`); lowest scores go.
@@ -489,7 +498,7 @@ def _check_targets(sparsity: Any, macs: Any, params: Any, latency: Any, round_to
                     f"got {latency!r}")
 
 
-ALLOCATIONS = ("global", "uniform")
+ALLOCATIONS = ("global", "uniform", "latency")
 
 
 def _check_allocation(allocation: Any, sparsity: Any) -> str:
@@ -524,6 +533,10 @@ def _choose(model: nn.Module, example_inputs: Any, graph: DependencyGraph, regis
                 pruned[g.index] = _select(g, _scores(score, g, tensors), k, min_channels)
         return pruned, notes, None
     cost = CostModel(model, graph)
+    if allocation == "latency":
+        return _latency_ranked(model, example_inputs, graph, registry, score, tensors, macs=macs, params=params,
+                               latency=latency, round_to=round_to, min_channels=min_channels,
+                               max_sparsity=0.8 if max_sparsity is None else max_sparsity)
     if allocation == "uniform":
         raw = {g.index: _scores(score, g, tensors) for g in graph.groups}
         pruned, note = _uniform_search(model, example_inputs, graph, registry, cost, raw, macs=macs, params=params,
@@ -533,8 +546,9 @@ def _choose(model: nn.Module, example_inputs: Any, graph: DependencyGraph, regis
     scores = {g.index: normalize(_scores(score, g, tensors)) for g in graph.groups}
     limit = 0.8 if max_sparsity is None else max_sparsity
     if latency is not None:
-        pruned, note = _latency_search(model, example_inputs, graph, registry, cost, scores, latency,
-                                       round_to=round_to, min_channels=min_channels, max_sparsity=limit)
+        _, steps = greedy(graph, cost, scores, which="macs", target=0.0, round_to=round_to, min_channels=min_channels,
+                          max_sparsity=limit, exhaust=True)
+        pruned, note = _latency_search(model, example_inputs, graph, registry, steps, latency)
         return pruned, [note], cost
     which = "params" if params is not None else "macs"
     dense = cost.total_params if which == "params" else cost.total_macs
@@ -576,13 +590,71 @@ def _finish(model: nn.Module, example_inputs: Any, graph: DependencyGraph, regis
     return result
 
 
+def _latency_ranked(model: nn.Module, example_inputs: Any, graph: DependencyGraph, registry: HandlerRegistry,
+                    score: GroupCriterion, tensors: Mapping[str, torch.Tensor], *, macs: Any, params: Any,
+                    latency: LatencyTarget | None, round_to: int, min_channels: int, max_sparsity: float,
+                    ) -> tuple[dict[int, torch.Tensor], list[str], CostModel]:
+    """``allocation="latency"``: see :func:`plan`. Returns the chosen units, notes and the cost model."""
+    inputs = latency.inputs if latency is not None and latency.inputs is not None else example_inputs
+    threads = latency.threads if latency is not None else None
+    times = layer_times({"model": model}, inputs, repeats=5, warmup=2, threads=threads)["model"]
+    cost = LatencyCostModel(model, graph, times)
+    scores = {g.index: normalize(_scores(score, g, tensors)) for g in graph.groups}
+    profile = (f"profile of the dense model's layers: {cost.total_seconds * 1e3:.3f} ms per call, "
+               f"{min(cost.attributed / max(cost.total_seconds, 1e-12), 1.0):.0%} of it in layers that shrink")
+
+    def ranked(cap: float) -> list[Chunk]:
+        return greedy(graph, cost, scores, which="seconds", target=0.0, round_to=round_to, min_channels=min_channels,
+                      max_sparsity=cap, exhaust=True)[1]
+
+    if latency is not None:
+        pruned, note = _latency_search(model, example_inputs, graph, registry, ranked(max_sparsity), latency)
+        return pruned, [note, f"allocation 'latency': units ranked by score per second saved ({profile})"], cost
+    which = "params" if params is not None else "macs"
+    dense = cost.total_params if which == "params" else cost.total_macs
+    target = float(_budget(params if which == "params" else macs, dense, which))  # type: ignore[arg-type]
+
+    def count(pruned: Mapping[int, torch.Tensor]) -> int:
+        return cost.params(pruned) if which == "params" else cost.macs(pruned)
+
+    def cut(steps: Sequence[Chunk]) -> dict[int, torch.Tensor]:
+        """The shortest prefix of ``steps`` that meets the budget (all of them if none does)."""
+        lo, hi = 0, len(steps)
+        if count(masks_after(graph, steps, 0)) <= target:
+            return masks_after(graph, steps, 0)
+        while hi - lo > 1:  # invariant: the prefix of hi steps meets the budget, that of lo does not (or lo == 0)
+            mid = (lo + hi) // 2
+            if count(masks_after(graph, steps, mid)) <= target:
+                hi = mid
+            else:
+                lo = mid
+        return masks_after(graph, steps, hi)
+
+    raw = {g.index: _scores(score, g, tensors) for g in graph.groups}
+    candidates = {"uniform": _uniform_search(model, example_inputs, graph, registry, cost, raw, macs=macs,
+                                             params=params, latency=None, round_to=round_to,
+                                             min_channels=min_channels, max_sparsity=max_sparsity)[0]}
+    for cap in sorted({min(0.5, max_sparsity), max_sparsity}):
+        candidates[f"ranked, at most {cap:g} of a group"] = cut(ranked(cap))
+    candidates = {k: v for k, v in candidates.items() if count(v) <= target} or candidates
+    small = {k: apply_plan_copy(_make_plan(model, graph, v, registry, []), model) for k, v in candidates.items()}
+    measured = measure_latency(small, inputs, threads=threads)
+    best = min(measured, key=lambda k: measured[k].median)
+    notes = [f"target: {which} <= {int(target)} ({target / dense:.3f} of dense)"]
+    if count(candidates[best]) > target:
+        notes.append(f"budget {which}={int(target)} cannot be met with min_channels={min_channels}, "
+                     f"max_sparsity={max_sparsity}: reached {count(candidates[best])}")
+    notes.append(f"allocation 'latency': the fastest of {len(candidates)} candidates measured on the inputs, "
+                 + ", ".join(f"{k} {measured[k].median * 1e3:.3f} ms (predicted "
+                             f"{cost.seconds(candidates[k]) * 1e3:.3f})" for k in candidates)
+                 + f"; kept: {best}; {profile}")
+    return candidates[best], notes, cost
+
+
 def _latency_search(model: nn.Module, example_inputs: Any, graph: DependencyGraph, registry: HandlerRegistry,
-                    cost: CostModel, scores: Mapping[int, torch.Tensor], target: LatencyTarget, *, round_to: int,
-                    min_channels: int, max_sparsity: float | None) -> tuple[dict[int, torch.Tensor], str]:
-    """The shortest prefix of the MAC-greedy removal sequence whose measured latency meets ``target``."""
+                    steps: Sequence[Chunk], target: LatencyTarget) -> tuple[dict[int, torch.Tensor], str]:
+    """The shortest prefix of the removal sequence ``steps`` whose measured latency meets ``target``."""
     inputs = target.inputs if target.inputs is not None else example_inputs
-    _, steps = greedy(graph, cost, scores, which="macs", target=0.0, round_to=round_to, min_channels=min_channels,
-                      max_sparsity=max_sparsity, exhaust=True)
     timing = {"repeats": target.repeats, "warmup": target.warmup, "threads": target.threads}
     measured: dict[int, float] = {}
 

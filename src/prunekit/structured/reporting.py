@@ -26,19 +26,15 @@ Examples:
 from __future__ import annotations
 
 import os
-import statistics
-import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules import module as module_hooks
 
 from prunekit.fileformat import atomic_write, json_text
 from prunekit.flops import _split_inputs, count_macs, count_params
-from prunekit.structured.latency import Latency, measure_latency
+from prunekit.structured.latency import Latency, layer_times, measure_latency
 
 __all__ = ["LayerRow", "StructuredReport", "report"]
 
@@ -170,56 +166,6 @@ def _params_by_module(model: nn.Module) -> dict[str, int]:
     return out
 
 
-def _leaf_times(models: Mapping[str, nn.Module], example_inputs: Any, repeats: int, warmup: int,
-                threads: int) -> dict[str, dict[str, float]]:
-    """Median seconds per forward pass of every leaf-running module, per model (hooked runs, interleaved)."""
-    args, kwargs = _split_inputs(example_inputs)
-    names_of = {id(m): n for model in models.values() for n, m in model.named_modules()}
-    stack: list[list[Any]] = []  # [name, start, had_child]
-    current: dict[str, float] = {}
-
-    def pre(module: nn.Module, inputs: Any) -> None:
-        name = names_of.get(id(module))
-        if name is None:
-            return
-        if stack:
-            stack[-1][2] = True
-        stack.append([name, time.perf_counter(), False, module])
-
-    def post(module: nn.Module, inputs: Any, output: Any) -> None:
-        if not stack or stack[-1][3] is not module:
-            return
-        name, start, had_child, _ = stack.pop()
-        if not had_child and name:
-            current[name] = current.get(name, 0.0) + time.perf_counter() - start
-
-    samples: dict[str, dict[str, list[float]]] = {k: {} for k in models}
-    before = torch.get_num_threads()
-    h1 = module_hooks.register_module_forward_pre_hook(pre)
-    h2 = module_hooks.register_module_forward_hook(post)
-    try:
-        torch.set_num_threads(threads)
-        keys = list(models)
-        with torch.inference_mode():
-            for r in range(warmup + repeats):
-                k0 = r % len(keys)
-                for key in keys[k0:] + keys[:k0]:
-                    current.clear()
-                    stack.clear()
-                    t0 = time.perf_counter()
-                    models[key](*args, **kwargs)
-                    total = time.perf_counter() - t0
-                    if r >= warmup:
-                        for name, t in current.items():
-                            samples[key].setdefault(name, []).append(t)
-                        samples[key].setdefault("", []).append(total)
-    finally:
-        h1.remove()
-        h2.remove()
-        torch.set_num_threads(before)
-    return {key: {name: statistics.median(ts) for name, ts in per.items()} for key, per in samples.items()}
-
-
 def report(dense: nn.Module, pruned: nn.Module, example_inputs: Any, *, latency: bool = True,
            per_layer_latency: bool = True, repeats: int = 10, warmup: int = 3, threads: int = 2) -> StructuredReport:
     """Compare a dense model with its structurally pruned version: parameters, MACs, measured latency.
@@ -248,7 +194,7 @@ def report(dense: nn.Module, pruned: nn.Module, example_inputs: Any, *, latency:
         timed = measure_latency({"dense": dense, "pruned": pruned}, example_inputs, repeats=repeats, warmup=warmup,
                                 threads=threads)
         if per_layer_latency:
-            per_layer = _leaf_times({"dense": dense, "pruned": pruned}, example_inputs, repeats, warmup, threads)
+            per_layer = layer_times({"dense": dense, "pruned": pruned}, example_inputs, repeats, warmup, threads)
     after_modules = dict(pruned.named_modules())
     leaves = [n for n, m in dense.named_modules() if n and not any(True for _ in m.children())]
     if per_layer:
