@@ -4,8 +4,8 @@ Adds its flags to the ``prune`` subcommand (:func:`add_arguments`) and runs (:fu
 given: the model trains (from ``--weights`` or from scratch) while a :class:`~prunekit.structured.StructuredPruner`
 zeroes channels on the ``--schedule`` (the same flags as unstructured pruning: ``--start``, ``--end``,
 ``--updates-per-epoch``, ``--rounds``), to ``--sparsity`` of each group or to a ``--macs``/``--params`` budget
-(spread by ``--allocation global|uniform``), ranked by ``--criterion`` (``taylor``, ``activation`` and ``apoz`` calibrate on the first
-``--calibration-batches`` training batches). Optionally ``--drop-blocks N`` first removes the N residual blocks that
+(spread by ``--allocation global|uniform``), ranked by ``--criterion`` (``taylor``, ``activation`` and ``apoz``
+calibrate on the first ``--calibration-batches`` training batches). Optionally ``--drop-blocks N`` first removes the N residual blocks that
 hurt least. At the end the channels are removed physically and the run directory gets ``model.safetensors`` (the
 small model's weights plus its plan, loadable with :func:`prunekit.structured.load` into a fresh model),
 ``report.txt``/``report.json``/``report.png`` (parameters, MACs and measured CPU latency before and after, per
