@@ -3,14 +3,14 @@
 Adds its flags to the ``prune`` subcommand (:func:`add_arguments`) and runs (:func:`run`) when ``--structured`` is
 given: the model trains (from ``--weights`` or from scratch) while a :class:`~prunekit.structured.StructuredPruner`
 zeroes channels on the ``--schedule`` (the same flags as unstructured pruning: ``--start``, ``--end``,
-``--updates-per-epoch``, ``--rounds``), to ``--sparsity`` of each group or to a ``--macs``/``--params`` budget
-(spread by ``--allocation global|uniform``), ranked by ``--criterion`` (``taylor``, ``activation`` and ``apoz``
-calibrate on the first ``--calibration-batches`` training batches). Optionally ``--drop-blocks N`` first removes the
-N residual blocks that hurt least. At the end the channels are removed physically and the run directory gets ``model.safetensors`` (the
-small model's weights plus its plan, loadable with :func:`prunekit.structured.load` into a fresh model),
-``report.txt``/``report.json``/``report.png`` (parameters, MACs and measured CPU latency before and after, per
-layer), ``history.json`` and ``metrics.json``. A rerun of the same configuration resumes from the last epoch's
-``checkpoint.safetensors``, or only prints the result if the run is complete.
+``--updates-per-epoch``, ``--rounds``), to ``--sparsity`` of each group or to a ``--macs``/``--params`` budget (spread
+by ``--allocation global|uniform``), ranked by ``--criterion`` (``taylor``, ``activation`` and ``apoz`` calibrate on
+the first ``--calibration-batches`` training batches). Optionally ``--drop-blocks N`` first removes the N residual
+blocks that hurt least. At the end the channels are removed physically and the run directory gets
+``model.safetensors`` (the small model's weights plus its plan, loadable with :func:`prunekit.structured.load` into a
+fresh model), ``report.txt``/``report.json``/``report.png`` (parameters, MACs and measured CPU latency before and
+after, per layer), ``history.json`` and ``metrics.json``. A rerun of the same configuration resumes from the last
+epoch's ``checkpoint.safetensors``, or only prints the result if the run is complete.
 """
 
 from __future__ import annotations
