@@ -516,12 +516,13 @@ def render_structured_latency(doc: dict[str, Any]) -> tuple[str, list[str]]:
         speed = [" / ".join([fmt_ratio(dig(s, "ours", f"speedup_b{b}")), fmt_ratio(dig(s, "ours_2x", f"speedup_b{b}")),
                              theirs or fmt_ratio(dig(s, "theirs", f"speedup_b{b}")),
                              fmt_ratio(dig(s, "ours_matched", f"speedup_b{b}"))]) for b in batches]
-        ratios = " / ".join(fmt_ratio(dig(s, who, f"ratio_b{last}")) for who in ("ours", "ours_2x", "theirs"))
+        ratios = " / ".join(f"{v:.2f}" if is_number(v) else NOT_MEASURED
+                            for v in (dig(s, who, f"ratio_b{last}") for who in ("ours", "ours_2x", "theirs")))
         bars = "; ".join(f"{bar_label(k)}: {fmt_status(v)}" for k, v in as_dict(s.get("bars")).items())
         rows.append([model, macs, *speed, ratios, bars or NOT_MEASURED])
     lines = [("prunekit `structured.plan` with half of every group's channels (50%) and pruned for speed at 2x fewer "
-              "MACs (`macs=0.5, allocation=\"uniform\"`, channel counts multiples of 16: 2x), Torch-Pruning's "
-              "`MetaPruner` at 50% (TP), and prunekit at the MACs TP reached (matched); CPU latency speed-up over the "
+              "MACs (`macs=0.5, allocation=\"latency\"`, profiled and timed at batch 16, channel counts multiples of "
+              "16: 2x), Torch-Pruning's `MetaPruner` at 50% (TP), and prunekit at the MACs TP reached (matched); CPU latency speed-up over the "
               "dense model. The speed-up / MAC-reduction goal applies to the 2x column (it must lose ≥ 2x MACs)."),
              ""]
     lines += md_table(["model", "fewer MACs: 50% / 2x / TP",

@@ -18,8 +18,9 @@ Protocol, per task:
    ``bn_scale`` (|gamma|; ResNet-20 only, LeNets have no BatchNorm), ``apoz``, ``random``. Torch-Pruning ``tp_l2``:
    ``MetaPruner`` with its default ``GroupMagnitudeImportance(p=2)``, the classifier ignored, ``pruning_ratio``
    bisected to the MACs closest to ours from below (equal MACs up to rounding).
-   Extra prunekit variants: ``taylor_global`` (the MAC budget ``macs=0.5`` ranked globally, cost-aware) and
-   ``taylor_gradual`` (``StructuredPruner`` with a Gradual schedule over the first half of fine-tuning, then
+   Extra prunekit variants: ``taylor_global`` (the MAC budget ``macs=0.5`` ranked globally, cost-aware),
+   ``l2_latency`` (``macs=0.5, allocation="latency"``: the fastest measured allocation on this CPU at batch 128, the
+   allocation the latency benchmark uses; does pruning for speed cost accuracy?) and ``taylor_gradual`` (``StructuredPruner`` with a Gradual schedule over the first half of fine-tuning, then
    physical removal).
 3. **Fine-tuning**: the same recipe and budget for everyone (``--ft-epochs``; learning rate chosen on the validation
    split from ``--lrs`` with ``l1``, seed 0; weight decay as for dense). Seeds (``--seeds``) change the data order,
@@ -77,7 +78,7 @@ TASKS = {
     "lenet300-mnist": {"model": "lenet300", "data": "mnist", "dense_epochs": 12, "ft_epochs": 6,
                        "weight_decay": 0.0, "lr": 0.1},
 }
-OURS = ["taylor", "l1", "l2", "bn_scale", "apoz", "random", "taylor_global", "taylor_gradual"]
+OURS = ["taylor", "l1", "l2", "bn_scale", "apoz", "random", "taylor_global", "taylor_gradual", "l2_latency"]
 X = torch.zeros(1, 1, 28, 28)
 TARGET = 0.5  # MACs after / before
 
@@ -128,6 +129,8 @@ def prune_ours(method: str, model: nn.Module, graph: Any, sparsity: float, calib
     criterion: Any = {"taylor_global": "taylor", "random": RandomGroupScore(seed)}.get(method, method)
     if method == "taylor_global":
         p = plan(model, X, macs=TARGET, criterion="taylor", data=calib, graph=graph)
+    elif method == "l2_latency":  # pruned for CPU speed: profiled and timed on a batch of 128 training images
+        p = plan(model, calib[0][0], macs=TARGET, allocation="latency", criterion="l2")
     else:
         p = plan(model, X, sparsity, criterion=criterion, data=calib, graph=graph)
     return p.apply(model)

@@ -214,7 +214,9 @@ def load_pruned(fresh: nn.Module, path: str, rtol: float = 1e-4, atol: float = 1
                 new = nn.Parameter(new, requires_grad=old.requires_grad)
             replaced[id(old)] = new
         setattr(fresh.get_submodule(owner), leaf, replaced[id(old)])  # nn.Module.__setattr__: parameter or buffer
-    fresh.load_state_dict(tensors, strict=True)
+    state = fresh.state_dict()  # its ``_metadata`` holds the module versions some loaders need (torchvision MNASNet)
+    state.update(tensors)
+    fresh.load_state_dict(state, strict=True)
     fresh.eval()
     y, values, shapes = _run_recorded(fresh, x)
     if y.shape != y_ref.shape or not torch.allclose(y, y_ref, rtol=rtol, atol=atol):

@@ -143,3 +143,33 @@ def test_tied_parameters_are_saved_and_stay_tied(tmp_path):
     sl.save_pruned(tied(), tied(), torch.randn(3, 4), path, prune_seconds=0.0)
     model, _ = sl.load_pruned(tied(), path)
     assert model[0].weight is model[2].weight
+
+
+class Versioned(nn.Module):
+    """Loads only with its module version in the state dict's metadata, as torchvision's MNASNet does."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 3)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version") not in (1, 2):
+            raise ValueError(f"version should be set to 1 or 2 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+def test_a_model_whose_loading_needs_its_version_metadata_is_rebuilt(tmp_path):
+    path = str(tmp_path / "versioned.safetensors")
+    pruned = Versioned()
+    with torch.no_grad():
+        pruned.fc.weight.mul_(2)
+    sl.save_pruned(pruned, Versioned(), torch.randn(2, 4), path, prune_seconds=0.0)
+    model, _ = sl.load_pruned(Versioned(), path)
+    torch.testing.assert_close(model.fc.weight, pruned.fc.weight, rtol=0, atol=0)
