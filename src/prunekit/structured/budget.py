@@ -116,7 +116,7 @@ class LatencyCostModel(CostModel):
 
     Time in no such layer (the model's own code between layers: additions, concatenations) is kept as it is. The
     prediction ignores that thin layers run below their MAC rate, so it is for *ranking* removals, not for promising
-    a latency: the plan measures the pruned model when asked for ``latency=``.
+    a latency: ``plan(..., allocation="latency")`` times its candidates (and, for ``latency=``, the pruned model).
 
     Args:
         model: The model the graph was traced from.

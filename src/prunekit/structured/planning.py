@@ -382,7 +382,7 @@ def plan(
     Two kinds of target:
 
     * ``sparsity``: remove that fraction of each group's units (the lowest-scoring ones), group by group.
-    * a budget, ``macs=``, ``params=`` or ``latency=``, met in one of two ways (``allocation``):
+    * a budget, ``macs=``, ``params=`` or ``latency=``, met in one of three ways (``allocation``):
 
       - ``"global"`` (default): rank units across all groups by their score per MAC (or parameter) saved, scores
         L2-normalised per group, and remove the lowest until the budget is met
