@@ -522,8 +522,9 @@ def render_structured_latency(doc: dict[str, Any]) -> tuple[str, list[str]]:
         rows.append([model, macs, *speed, ratios, bars or NOT_MEASURED])
     lines = [("prunekit `structured.plan` with half of every group's channels (50%) and pruned for speed at 2x fewer "
               "MACs (`macs=0.5, allocation=\"latency\"`, profiled and timed at batch 16, channel counts multiples of "
-              "16: 2x), Torch-Pruning's `MetaPruner` at 50% (TP), and prunekit at the MACs TP reached (matched); CPU latency speed-up over the "
-              "dense model. The speed-up / MAC-reduction goal applies to the 2x column (it must lose ≥ 2x MACs)."),
+              "16: 2x), Torch-Pruning's `MetaPruner` at 50% (TP), and prunekit at the MACs TP reached (matched); CPU "
+              "latency speed-up over the dense model. The speed-up / MAC-reduction goal applies to the 2x column (it "
+              "must lose ≥ 2x MACs)."),
              ""]
     lines += md_table(["model", "fewer MACs: 50% / 2x / TP",
                        *(f"speed-up batch {b}: 50% / 2x / TP / matched" for b in batches),

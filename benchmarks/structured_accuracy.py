@@ -20,8 +20,8 @@ Protocol, per task:
    bisected to the MACs closest to ours from below (equal MACs up to rounding).
    Extra prunekit variants: ``taylor_global`` (the MAC budget ``macs=0.5`` ranked globally, cost-aware),
    ``l2_latency`` (``macs=0.5, allocation="latency"``: the fastest measured allocation on this CPU at batch 128, the
-   allocation the latency benchmark uses; does pruning for speed cost accuracy?) and ``taylor_gradual`` (``StructuredPruner`` with a Gradual schedule over the first half of fine-tuning, then
-   physical removal).
+   allocation the latency benchmark uses; does pruning for speed cost accuracy?) and ``taylor_gradual``
+   (``StructuredPruner`` with a Gradual schedule over the first half of fine-tuning, then physical removal).
 3. **Fine-tuning**: the same recipe and budget for everyone (``--ft-epochs``; learning rate chosen on the validation
    split from ``--lrs`` with ``l1``, seed 0; weight decay as for dense). Seeds (``--seeds``) change the data order,
    the calibration batches and the random criterion; the dense model is the same. ``dense_ft`` fine-tunes the dense

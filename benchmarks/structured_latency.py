@@ -66,7 +66,7 @@ from _common import png_path, setup_torch, table  # noqa: E402
 from _harness import RESULTS, ResultStore  # noqa: E402
 
 from prunekit.flops import count_macs, count_params  # noqa: E402
-from prunekit.structured import CostModel, measure_latency, plan, trace  # noqa: E402
+from prunekit.structured import measure_latency, plan, trace  # noqa: E402
 
 NAME = "structured_latency"
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "densenet121", "efficientnet_b0",
@@ -315,7 +315,6 @@ def run_2x(model: nn.Module, x16: torch.Tensor, round_to: int) -> tuple[nn.Modul
 def run_matched(model: nn.Module, x: torch.Tensor, graph: Any, target: int, round_to: int,
                 ) -> tuple[nn.Module, dict[str, Any]]:
     """prunekit with the uniform per-group sparsity whose MACs come closest to ``target`` (predicted, then counted)."""
-    cost = CostModel(model, graph)
     lo, hi, best = 0.0, 0.95, None
     for _ in range(14):
         s = (lo + hi) / 2
@@ -330,7 +329,6 @@ def run_matched(model: nn.Module, x: torch.Tensor, graph: Any, target: int, roun
     s = best[0]
     p = plan(model, x, s, round_to=round_to, graph=graph)
     small = p.apply(copy.deepcopy(model))
-    del cost
     return small, {"sparsity": s, "round_to": round_to, "target_macs": target}
 
 

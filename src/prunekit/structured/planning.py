@@ -599,7 +599,8 @@ def _latency_ranked(model: nn.Module, example_inputs: Any, graph: DependencyGrap
     threads = latency.threads if latency is not None else None
     times = layer_times({"model": model}, inputs, repeats=5, warmup=2, threads=threads)["model"]
     cost = LatencyCostModel(model, graph, times)
-    scores = {g.index: normalize(_scores(score, g, tensors)) for g in graph.groups}
+    raw = {g.index: _scores(score, g, tensors) for g in graph.groups}  # scored once: ranked and uniform use them
+    scores = {g: normalize(v) for g, v in raw.items()}
     profile = (f"profile of the dense model's layers: {cost.total_seconds * 1e3:.3f} ms per call, "
                f"{min(cost.attributed / max(cost.total_seconds, 1e-12), 1.0):.0%} of it in layers that shrink")
 
@@ -630,7 +631,6 @@ def _latency_ranked(model: nn.Module, example_inputs: Any, graph: DependencyGrap
                 lo = mid
         return masks_after(graph, steps, hi)
 
-    raw = {g.index: _scores(score, g, tensors) for g in graph.groups}
     candidates = {"uniform": _uniform_search(model, example_inputs, graph, registry, cost, raw, macs=macs,
                                              params=params, latency=None, round_to=round_to,
                                              min_channels=min_channels, max_sparsity=max_sparsity)[0]}
@@ -641,9 +641,10 @@ def _latency_ranked(model: nn.Module, example_inputs: Any, graph: DependencyGrap
     measured = measure_latency(small, inputs, threads=threads)
     best = min(measured, key=lambda k: measured[k].median)
     notes = [f"target: {which} <= {int(target)} ({target / dense:.3f} of dense)"]
-    if count(candidates[best]) > target:
+    reached = count(candidates[best])
+    if reached > target:
         notes.append(f"budget {which}={int(target)} cannot be met with min_channels={min_channels}, "
-                     f"max_sparsity={max_sparsity}: reached {count(candidates[best])}")
+                     f"max_sparsity={max_sparsity}: reached {reached}")
     notes.append(f"allocation 'latency': the fastest of {len(candidates)} candidates measured on the inputs, "
                  + ", ".join(f"{k} {measured[k].median * 1e3:.3f} ms (predicted "
                              f"{cost.seconds(candidates[k]) * 1e3:.3f})" for k in candidates)
