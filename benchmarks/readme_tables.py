@@ -520,9 +520,11 @@ def render_structured_latency(doc: dict[str, Any]) -> tuple[str, list[str]]:
                             for v in (dig(s, who, f"ratio_b{last}") for who in ("ours", "ours_2x", "theirs")))
         bars = "; ".join(f"{bar_label(k)}: {fmt_status(v)}" for k, v in as_dict(s.get("bars")).items())
         rows.append([model, macs, *speed, ratios, bars or NOT_MEASURED])
+    rounding = sorted({str(as_dict(r.get("ours_2x")).get("round_to")) for r in runs.values()
+                       if as_dict(r.get("ours_2x")).get("round_to") is not None})
     lines = [("prunekit `structured.plan` with half of every group's channels (50%) and pruned for speed at 2x fewer "
               "MACs (`macs=0.5, allocation=\"latency\"`, profiled and timed at batch 16, channel counts multiples of "
-              "16: 2x), Torch-Pruning's `MetaPruner` at 50% (TP), and prunekit at the MACs TP reached (matched); CPU "
+              f"{' or '.join(rounding) or NOT_MEASURED}: 2x), Torch-Pruning's `MetaPruner` at 50% (TP), and prunekit at the MACs TP reached (matched); CPU "
               "latency speed-up over the dense model. The speed-up / MAC-reduction goal applies to the 2x column (it "
               "must lose ≥ 2x MACs)."),
              ""]

@@ -18,10 +18,12 @@ For each model (random init, ``torch.manual_seed(0)``, eval mode, 224x224):
   (including a mismatch) is recorded as the result.
 * ``ours_2x``: prunekit pruned for speed at the issue's MAC floor: ``plan(model, x16, macs=0.5,
   allocation="latency", criterion="l2", round_to=R2)`` with ``x16`` the batch-16 input: the dense model's layers
-  are profiled at batch 16, and the fastest of three measured candidates that halve the MACs is kept (units ranked
-  by score per second saved, at most half or at most 0.8 of any group; or the same fraction of every group).
-  Channel counts are multiples of ``R2`` (default 16: on a CPU with AVX-512 oneDNN blocks convolution channels by
-  16; ``--round-to-2x``). Half of every group's channels cuts the MACs 3-4x, and thin layers run far below their
+  are profiled at batch 16, and the fastest of up to six measured candidates that halve the MACs is kept (units
+  ranked by score per second saved, at most half or at most 0.8 of any group; or the same fraction of every group;
+  each with channel counts multiples of ``R2`` and of ``2 * R2``, refilled towards the budget where that returns
+  more work than time). ``R2`` defaults to 8 (``--round-to-2x``): on a CPU with AVX-512 oneDNN blocks channels by
+  16, which the ``2 * R2`` candidates keep, but a 16-channel stem (MobileNetV3) can only be halved with 8. Half of
+  every group's channels cuts the MACs 3-4x, and thin layers run far below their
   MAC rate on CPU, so the latency per MAC removed is better at 2x. The allocation is chosen for speed on this
   machine, not for accuracy (these are random-init models); its accuracy on real data is in
   ``structured_accuracy.py``.
@@ -457,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--round-to", type=int, default=8, help="prunekit's round_to for ours/matched (default 8)")
-    ap.add_argument("--round-to-2x", type=int, default=16, help="prunekit's round_to for ours_2x (default 16)")
+    ap.add_argument("--round-to-2x", type=int, default=8, help="prunekit's round_to for ours_2x (default 8)")
     ap.add_argument("--torch-pruning", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--tp-memory-gb", type=float, default=8.0, help="address-space cap of the Torch-Pruning child")
     ap.add_argument("--tp-timeout", type=float, default=1200.0)
