@@ -20,8 +20,11 @@ Protocol, per task:
    bisected to the MACs closest to ours from below (equal MACs up to rounding).
    Extra prunekit variants: ``taylor_global`` (the MAC budget ``macs=0.5`` ranked globally, cost-aware),
    ``l2_latency`` (``macs=0.5, allocation="latency"``: the fastest measured allocation on this CPU at batch 128, the
-   allocation the latency benchmark uses; does pruning for speed cost accuracy?) and ``taylor_gradual``
-   (``StructuredPruner`` with a Gradual schedule over the first half of fine-tuning, then physical removal).
+   allocation the latency benchmark uses; does pruning for speed cost accuracy?), ``taylor_gradual``
+   (``StructuredPruner`` with a Gradual schedule over the first half of fine-tuning, then physical removal) and
+   ``l2_kd`` (the units ``l2`` removes, fine-tuned with the dense model as teacher: ``TrainConfig(distill=0.9,
+   temperature=4)``, prunekit's recipe for pruning a trained model; the same epochs, learning rate and data, plus
+   one forward pass of the dense model per batch).
 3. **Fine-tuning**: the same recipe and budget for everyone (``--ft-epochs``; learning rate chosen on the validation
    split from ``--lrs`` with ``l1``, seed 0; weight decay as for dense). Seeds (``--seeds``) change the data order,
    the calibration batches and the random criterion; the dense model is the same. ``dense_ft`` fine-tunes the dense
@@ -78,7 +81,8 @@ TASKS = {
     "lenet300-mnist": {"model": "lenet300", "data": "mnist", "dense_epochs": 12, "ft_epochs": 6,
                        "weight_decay": 0.0, "lr": 0.1},
 }
-OURS = ["taylor", "l1", "l2", "bn_scale", "apoz", "random", "taylor_global", "taylor_gradual", "l2_latency"]
+OURS = ["taylor", "l1", "l2", "bn_scale", "apoz", "random", "taylor_global", "taylor_gradual", "l2_latency",
+        "l2_kd"]
 X = torch.zeros(1, 1, 28, 28)
 TARGET = 0.5  # MACs after / before
 
@@ -126,7 +130,7 @@ def uniform_sparsity(model: nn.Module, graph: Any, target: float) -> float:
 def prune_ours(method: str, model: nn.Module, graph: Any, sparsity: float, calib: list[Any], seed: int) -> nn.Module:
     from prunekit.structured import RandomGroupScore
 
-    criterion: Any = {"taylor_global": "taylor", "random": RandomGroupScore(seed)}.get(method, method)
+    criterion: Any = {"taylor_global": "taylor", "random": RandomGroupScore(seed), "l2_kd": "l2"}.get(method, method)
     if method == "taylor_global":
         p = plan(model, X, macs=TARGET, criterion="taylor", data=calib, graph=graph)
     elif method == "l2_latency":  # pruned for CPU speed: profiled and timed on a batch of 128 training images
@@ -170,7 +174,8 @@ def run_one(task: str, method: str, seed: int, lr: float, ctx: dict[str, Any], a
     dense: nn.Module = ctx["dense"]
     model = copy.deepcopy(dense)
     calib = calibration(ctx["train"], seed)
-    cfg = TrainConfig(epochs=ctx["ft_epochs"], lr=lr, weight_decay=spec["weight_decay"], seed=seed)
+    kd = {"distill": 0.9, "temperature": 4.0} if method == "l2_kd" else {}
+    cfg = TrainConfig(epochs=ctx["ft_epochs"], lr=lr, weight_decay=spec["weight_decay"], seed=seed, **kd)
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
     if method == "dense_ft":
@@ -193,7 +198,7 @@ def run_one(task: str, method: str, seed: int, lr: float, ctx: dict[str, Any], a
     prune_seconds = time.perf_counter() - t0
     if method != "taylor_gradual":
         torch.manual_seed(seed)
-        train(model, ctx["train"], cfg, progress=False)
+        train(model, ctx["train"], cfg, progress=False, teacher=dense if kd else None)
     return {"task": task, "method": method, "seed": seed, "lr": lr, "ft_epochs": cfg.epochs,
             "val_accuracy": evaluate(model, ctx["val"]).accuracy, "test_accuracy": evaluate(model, ctx["test"]).accuracy,
             "macs": count_macs(model, X).total, "params": count_params(model), "dense_macs": ctx["dense_macs"],

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -42,7 +43,7 @@ from prunekit.structured.budget import Chunk, CostModel, LatencyCostModel, greed
 from prunekit.structured.criteria import GroupCriterion, get_criterion, normalize
 from prunekit.structured.dependency import DependencyGraph, Group, _registry, trace
 from prunekit.structured.handlers import Handler, HandlerRegistry, ModuleSizes
-from prunekit.structured.latency import LatencyTarget, layer_times, measure_latency, parse_seconds
+from prunekit.structured.latency import Latency, LatencyTarget, layer_times, measure_latency, parse_seconds
 from prunekit.targets import check_sparsity
 
 __all__ = ["GroupSummary", "ModuleUpdate", "Plan", "Slice", "plan"]
@@ -655,9 +656,11 @@ def _latency_ranked(model: nn.Module, example_inputs: Any, graph: DependencyGrap
              for k in unique.values()}
     measured = measure_latency(small, inputs, threads=threads, repeats=5, warmup=1)  # a first screen, then
     finalists = sorted(measured, key=lambda k: measured[k].median)[:2]  # the two fastest timed again, longer
-    if len(finalists) > 1:
-        measured.update(measure_latency({k: small[k] for k in finalists}, inputs, threads=threads, repeats=10,
-                                        warmup=1))
+    if len(finalists) > 1:  # their samples pooled with the screen's: a burst of noise in one pass weighs less
+        again = measure_latency({k: small[k] for k in finalists}, inputs, threads=threads, repeats=10, warmup=1)
+        for k, timed in again.items():
+            pooled = measured[k].samples + timed.samples
+            measured[k] = Latency(statistics.median(pooled), pooled, timed.number)
     best = min(finalists, key=lambda k: measured[k].median)
     notes = [f"target: {which} <= {int(target)} ({target / dense:.3f} of dense)"]
     reached = count(candidates[best])
