@@ -23,10 +23,12 @@ Protocol, per task:
    allocation the latency benchmark uses; does pruning for speed cost accuracy?), ``taylor_gradual``
    (``StructuredPruner`` with a Gradual schedule over the first half of fine-tuning, then physical removal) and
    ``l2_kd`` (the units ``l2`` removes, fine-tuned with the dense model as teacher: ``TrainConfig(distill=0.9,
-   temperature=4)``, prunekit's recipe for pruning a trained model; the same epochs, learning rate and data, plus
-   one forward pass of the dense model per batch).
+   temperature=4)``, prunekit's recipe for pruning a trained model; the same epochs and data, plus one forward pass
+   of the dense model per batch; the distillation loss is scaled by temperature², so its learning rate is chosen on
+   the validation split from the same grid, with ``l2_kd`` itself: at ``l1``'s 0.05 LeNet-5 diverged).
 3. **Fine-tuning**: the same recipe and budget for everyone (``--ft-epochs``; learning rate chosen on the validation
-   split from ``--lrs`` with ``l1``, seed 0; weight decay as for dense). Seeds (``--seeds``) change the data order,
+   split from ``--lrs`` with ``l1``, seed 0, for all but ``l2_kd``; a diverging grid point is recorded, never chosen;
+   weight decay as for dense). Seeds (``--seeds``) change the data order,
    the calibration batches and the random criterion; the dense model is the same. ``dense_ft`` fine-tunes the dense
    model with the same budget, as a reference.
 
@@ -70,7 +72,7 @@ from prunekit.fileformat import write_text  # noqa: E402
 from prunekit.flops import count_macs, count_params  # noqa: E402
 from prunekit.models import get_model  # noqa: E402
 from prunekit.structured import StructuredPruner, plan, trace  # noqa: E402
-from prunekit.train import TrainConfig, batches, evaluate, train  # noqa: E402
+from prunekit.train import TrainConfig, TrainingDiverged, batches, evaluate, train  # noqa: E402
 
 NAME = "structured_accuracy"
 TASKS = {
@@ -83,6 +85,7 @@ TASKS = {
 }
 OURS = ["taylor", "l1", "l2", "bn_scale", "apoz", "random", "taylor_global", "taylor_gradual", "l2_latency",
         "l2_kd"]
+OWN_LR = {"l2_kd": "l2_kd"}  # a method whose loss differs chooses its own fine-tuning lr (same grid, val, seed 0)
 X = torch.zeros(1, 1, 28, 28)
 TARGET = 0.5  # MACs after / before
 
@@ -167,6 +170,31 @@ def prune_tp(model: nn.Module, target_macs: int, importance: str = "l2") -> tupl
     if best is None:
         best = (pruned(hi), hi)
     return best
+
+
+def choose_lr(task: str, method: str, lrs: list[float], ctx: dict[str, Any], args: argparse.Namespace,
+              store: ResultStore) -> float:
+    """The fine-tuning learning rate of ``lrs`` with the best validation accuracy for ``method``, seed 0.
+
+    Each grid point is stored (``<task>/grid/<method>/lr=<lr>``); one whose training diverges is stored as such and
+    never chosen.
+    """
+    grid: dict[float, float] = {}
+    for lr in lrs:
+        k = f"{task}/grid/{method}/lr={lr}"
+        if not store.done(k):
+            try:
+                record = {**run_one(task, method, 0, lr, ctx, args), "grid": True}
+            except TrainingDiverged as exc:
+                record = {"task": task, "method": method, "seed": 0, "lr": lr, "grid": True, "diverged": str(exc)}
+            store.put(k, record)
+        if "diverged" not in store.runs[k]:
+            grid[lr] = store.runs[k]["val_accuracy"]
+    if not grid:
+        raise SystemExit(f"{task}: {method} diverged at every learning rate of {lrs}; pass smaller ones with --lrs")
+    lr = max(grid, key=lambda v: grid[v])
+    print(f"{task}: {method} fine-tunes at lr {lr} (val accuracy {grid})", flush=True)
+    return lr
 
 
 def run_one(task: str, method: str, seed: int, lr: float, ctx: dict[str, Any], args: argparse.Namespace) -> dict:
@@ -322,24 +350,20 @@ def main(argv: list[str] | None = None) -> int:
         ctx = {"dense": dense, "graph": graph, "sparsity": sparsity, "ours_macs": ours_macs, "train": train_data,
                "val": val, "test": test, "ft_epochs": ft_epochs, "dense_macs": graph.state.macs}
         print(f"{task}: uniform sparsity {sparsity:.3f} per group -> {graph.state.macs / ours_macs:.2f}x fewer MACs")
-        # learning rate on the validation split, with l1 and seed 0
-        grid = {}
-        for lr in lrs:
-            k = f"{task}/grid/l1/lr={lr}"
-            if not store.done(k):
-                store.put(k, {**run_one(task, "l1", 0, lr, ctx, args), "grid": True})
-            grid[lr] = store.runs[k]["val_accuracy"]
-        lr = max(grid, key=grid.get)
-        print(f"{task}: fine-tuning lr {lr} (val accuracy {grid})", flush=True)
+        chosen = {"l1": choose_lr(task, "l1", lrs, ctx, args, store)}  # every method's lr, on val with seed 0
         for method in methods:
             if method == "bn_scale" and spec["model"] != "resnet20":
                 continue  # no BatchNorm in the LeNets: bn_scale would be l1
+            own = OWN_LR.get(method, "l1")
+            if own not in chosen:
+                chosen[own] = choose_lr(task, own, lrs, ctx, args, store)
+            lr = chosen[own]
             for seed in seeds:
                 k = f"{task}/{method}/seed={seed}"
                 if store.done(k):
                     continue
-                if method == "l1" and seed == 0 and f"{task}/grid/l1/lr={lr}" in store.runs:
-                    record = {**store.runs[f"{task}/grid/l1/lr={lr}"]}
+                if method == own and seed == 0 and f"{task}/grid/{own}/lr={lr}" in store.runs:
+                    record = {**store.runs[f"{task}/grid/{own}/lr={lr}"]}
                     record.pop("grid")
                 else:
                     record = run_one(task, method, seed, lr, ctx, args)

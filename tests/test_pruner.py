@@ -420,3 +420,27 @@ def test_training_with_random_shifts_is_reproducible_and_differs_from_plain_trai
 
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(0))
+
+
+def test_training_that_diverges_stops_with_a_clear_error_and_keeps_the_last_finite_weights():
+    from torch.utils.data import TensorDataset
+
+    from prunekit.train import TrainConfig, TrainingDiverged, train
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g)
+    x[40] = float("inf")  # the third batch of 16 (no shuffling effect: every order hits it within the epoch)
+    data = TensorDataset(x, torch.randint(0, 3, (64,), generator=g))
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    seen: list[torch.Tensor] = []
+    with pytest.raises(TrainingDiverged, match=r"the loss is nan at epoch 1, step \d \(learning rate .*\); lower "
+                                               r"TrainConfig.lr"):
+        train(model, data, TrainConfig(epochs=1, batch_size=16, lr=0.05),
+              on_step=lambda step: seen.append(model.weight.detach().clone()))
+    assert torch.isfinite(model.weight).all() and torch.isfinite(model.bias).all()
+    assert seen and torch.equal(model.weight, seen[-1])  # the weights of the last finite step, not a half update
+
+    teacher = nn.Linear(8, 3)
+    with pytest.raises(TrainingDiverged, match="distillation loss is scaled by temperature"):
+        train(nn.Linear(8, 3), data, TrainConfig(epochs=1, batch_size=16, distill=0.5), teacher=teacher)

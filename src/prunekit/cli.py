@@ -38,7 +38,7 @@ from prunekit.models import MODELS, get_model
 from prunekit.pruner import Pruner
 from prunekit.report import report
 from prunekit.schedules import Gradual
-from prunekit.train import TrainConfig, evaluate, make_optimizer, train
+from prunekit.train import TrainConfig, TrainingDiverged, evaluate, make_optimizer, train
 
 __all__ = ["main"]
 
@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     try:
         return func(args)
-    except (ValueError, TypeError, FetchError, FileFormatError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FetchError, FileFormatError, FileNotFoundError, TrainingDiverged) as exc:
         print(f"prunekit {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ from prunekit.schedules import Manual
 
 __all__ = [
     "Metrics",
+    "TrainingDiverged",
     "TrainConfig",
     "batches",
     "evaluate",
@@ -32,6 +33,10 @@ __all__ = [
     "random_shift",
     "train",
 ]
+
+
+class TrainingDiverged(FloatingPointError):
+    """The training loss became NaN or infinite; the model keeps the weights of the last finite step."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,10 @@ def train(
 
     Returns:
         One record per epoch run: ``{"epoch", "train_loss", "lr", "sparsity", "eval_loss", "eval_accuracy"}``.
+
+    Raises:
+        TrainingDiverged: When the loss becomes NaN or infinite (checked before each optimizer step, so the model
+            keeps the weights of the last finite step).
     """
     cfg = config or TrainConfig()
     if cfg.epochs < 0 or cfg.batch_size < 1:
@@ -234,6 +243,13 @@ def train(
                 kl = nn.functional.kl_div(nn.functional.log_softmax(out / cfg.temperature, dim=1), soft,
                                           reduction="batchmean")
                 loss = (1.0 - cfg.distill) * loss + cfg.distill * cfg.temperature**2 * kl
+            value = loss.item()
+            if not math.isfinite(value):  # stop before the step: the model keeps its last finite weights
+                raise TrainingDiverged(
+                    f"training diverged: the loss is {value} at epoch {epoch + 1}, step {step + 1} (learning rate "
+                    f"{optimizer.param_groups[0]['lr']:.3g}); lower TrainConfig.lr"
+                    + (" (a distillation loss is scaled by temperature**2, so it often needs a smaller one)"
+                       if teacher is not None and cfg.distill else "") + " and train again")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -244,7 +260,7 @@ def train(
             step += 1
             if on_step is not None:
                 on_step(step)
-            total += loss.item() * len(y)
+            total += value * len(y)
             count += len(y)
             bar.update(1)
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / max(count, 1),
