@@ -518,15 +518,21 @@ def render_structured_latency(doc: dict[str, Any]) -> tuple[str, list[str]]:
                              fmt_ratio(dig(s, "ours_matched", f"speedup_b{b}"))]) for b in batches]
         ratios = " / ".join(f"{v:.2f}" if is_number(v) else NOT_MEASURED
                             for v in (dig(s, who, f"ratio_b{last}") for who in ("ours", "ours_2x", "theirs")))
+        spread = dig(s, "ours_2x", "passes", f"ratio_b{last}")
+        if isinstance(spread, list) and len(spread) > 1 and all(is_number(v) for v in spread):
+            ratios += f" (2x: median of {len(spread)} passes, {min(spread):.2f}–{max(spread):.2f})"
         bars = "; ".join(f"{bar_label(k)}: {fmt_status(v)}" for k, v in as_dict(s.get("bars")).items())
         rows.append([model, macs, *speed, ratios, bars or NOT_MEASURED])
+    passes = dig(doc, "meta", "passes")
     rounding = sorted({str(as_dict(r.get("ours_2x")).get("round_to")) for r in runs.values()
                        if as_dict(r.get("ours_2x")).get("round_to") is not None})
     lines = [("prunekit `structured.plan` with half of every group's channels (50%) and pruned for speed at 2x fewer "
               "MACs (`macs=0.5, allocation=\"latency\"`, profiled and timed at batch 16, channel counts multiples of "
               f"{' or '.join(rounding) or NOT_MEASURED}: 2x), Torch-Pruning's `MetaPruner` at 50% (TP), and prunekit at the MACs TP reached (matched); CPU "
               "latency speed-up over the dense model. The speed-up / MAC-reduction goal applies to the 2x column (it "
-              "must lose ≥ 2x MACs)."),
+              "must lose ≥ 2x MACs)." + (f" Every figure is the median over {passes} passes (each plans 2x again "
+                                         "and times all models again); the bars are judged on the medians."
+                                         if is_number(passes) and passes > 1 else "")),
              ""]
     lines += md_table(["model", "fewer MACs: 50% / 2x / TP",
                        *(f"speed-up batch {b}: 50% / 2x / TP / matched" for b in batches),

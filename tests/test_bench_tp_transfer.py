@@ -173,3 +173,24 @@ def test_a_model_whose_loading_needs_its_version_metadata_is_rebuilt(tmp_path):
     sl.save_pruned(pruned, Versioned(), torch.randn(2, 4), path, prune_seconds=0.0)
     model, _ = sl.load_pruned(Versioned(), path)
     torch.testing.assert_close(model.fc.weight, pruned.fc.weight, rtol=0, atol=0)
+
+
+def test_latency_passes_are_summarised_by_their_median_and_the_bars_judged_on_it():
+    def lat(dense, fast, matched, theirs):
+        return {"16": {"dense": {"median": dense}, "ours_2x": {"median": fast}, "ours_matched": {"median": matched},
+                       "theirs": {"median": theirs}}}
+
+    record = {"dense": {"macs": 400}, "ours_2x": {"macs": 200}, "ours_matched": {"macs": 100},
+              "theirs": {"macs": 100}}
+    # ratio of ours_2x per pass = (dense / fast) / 2: 0.70, 0.85, 0.90 -> median 0.85 (one pass alone would fail)
+    passes = [lat(1.0, 1 / 1.4, 0.50, 0.40), lat(1.0, 1 / 1.7, 0.30, 0.40), lat(1.0, 1 / 1.8, 0.31, 0.30)]
+    summaries = [sl.summarize_model({**record, "latency": p}) for p in passes]
+    assert [s["bars"]["ratio_b16_0.8"] for s in summaries] == [False, True, True]
+    median = sl.median_summary(record, summaries)
+    assert median["ours_2x"]["ratio_b16"] == pytest.approx(0.85)
+    assert median["ours_2x"]["passes"]["ratio_b16"] == pytest.approx([0.70, 0.85, 0.90])
+    # matched vs Torch-Pruning: speed-ups 2.0/3.33/3.23 vs 2.5/2.5/3.33 -> medians 3.23 vs 2.5
+    assert median["ours_matched"]["speedup_b16"] == pytest.approx(1 / 0.31)
+    assert median["theirs"]["speedup_b16"] == pytest.approx(2.5)
+    assert median["bars"] == {"ratio_b16_0.8": True, "vs_tp_b16": True}
+    assert sl.median_summary(record, summaries[:1]) is summaries[0]
