@@ -194,3 +194,10 @@ def test_latency_passes_are_summarised_by_their_median_and_the_bars_judged_on_it
     assert median["theirs"]["speedup_b16"] == pytest.approx(2.5)
     assert median["bars"] == {"ratio_b16_0.8": True, "vs_tp_b16": True}
     assert sl.median_summary(record, summaries[:1]) is summaries[0]
+
+
+def test_a_model_whose_measuring_process_fails_is_recorded_with_the_reason():
+    record = sl.model_in_child("no_such_model", ["--quick", "--no-torch-pruning"])
+    assert record["model"] == "no_such_model"
+    assert record["error"].startswith("the measuring process failed: AttributeError")
+    assert "no_such_model" in record["error"] and "summary" not in record
