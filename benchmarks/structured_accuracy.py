@@ -106,9 +106,10 @@ def dense_model(task: str, spec: dict[str, Any], train_data: TensorDataset, epoc
         if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             return model
     cfg = TrainConfig(epochs=epochs, lr=spec["lr"], weight_decay=spec["weight_decay"], seed=0)
-    train(model, train_data, cfg, progress=False)
-    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-        raise RuntimeError(f"{task}: dense training diverged (lr {spec['lr']}); lower TASKS[{task!r}]['lr']")
+    try:
+        train(model, train_data, cfg, progress=False)
+    except TrainingDiverged as exc:
+        raise RuntimeError(f"{task}: dense training diverged (lr {spec['lr']}); lower TASKS[{task!r}]['lr']") from exc
     prunekit.save(model, path)  # safetensors, atomic, no pickle
     return model
 

@@ -32,10 +32,11 @@ For each model (random init, ``torch.manual_seed(0)``, eval mode, 224x224):
 
 MACs are counted for all by ``prunekit.flops.count_macs`` at batch 1. Each model is pruned and measured in a fresh
 Python process of its own (``--in-process``: all in this one), so no model's figures depend on the ones measured
-before it; within that process all its variants are timed together by ``prunekit.structured.measure_latency``: ``torch.inference_mode``, 2 intra-op threads, ``--warmup`` (>= 3) warm-up
-calls per model, median of ``--repeats`` (>= 10) samples, the models interleaved in rotating order, at batch 1 and
-batch 16. Results are written after every model to ``benchmarks/results/structured_latency[_quick].json`` (a rerun
-skips finished models; delete the file to start over) and drawn to the ``.png`` next to it.
+before it; within that process all its variants are timed together by ``prunekit.structured.measure_latency``:
+``torch.inference_mode``, 2 intra-op threads, ``--warmup`` (>= 3) warm-up calls per model, median of ``--repeats``
+(>= 10) samples, the models interleaved in rotating order, at batch 1 and batch 16. Results are written after
+every model to ``benchmarks/results/structured_latency[_quick].json`` (a rerun skips finished models; delete the file
+to start over) and drawn to the ``.png`` next to it.
 
 ``--passes P`` repeats the measurement P times per model, planning ``ours_2x`` again each time (its allocation is
 chosen from noisy timings too); every pass is kept in the JSON and the summary and the bars use the median over
@@ -75,7 +76,6 @@ from _common import png_path, setup_torch, table  # noqa: E402
 from _harness import RESULTS, ResultStore  # noqa: E402
 
 from prunekit.fileformat import write_text  # noqa: E402
-
 from prunekit.flops import count_macs, count_params  # noqa: E402
 from prunekit.structured import measure_latency, plan, trace  # noqa: E402
 
@@ -381,7 +381,7 @@ def one_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if i > 0 and "ours_2x" in models:  # planned again: the timings that choose its allocation are noisy too
             fast, finfo = run_2x(dense, x16, args.round_to_2x)
             models["ours_2x"] = fast
-            record = {**record, "ours_2x": {**finfo, "macs": count_macs(fast, x).total, "params": count_params(fast)}}
+            record["ours_2x"] = {**finfo, "macs": count_macs(fast, x).total, "params": count_params(fast)}
         latency = {}
         for batch in args.batches:
             xb = torch.randn(batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
@@ -550,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     store = ResultStore(RESULTS / f"{NAME}{'_quick' if args.quick else ''}.json", NAME, meta={
         "size": args.size, "batches": args.batches, "repeats": args.repeats, "warmup": args.warmup,
         "threads": args.threads, "passes": args.passes,
-        "process": "this one, every model" if args.in_process else "a fresh one per model", "round_to": args.round_to, "round_to_2x": args.round_to_2x,
+        "process": "this one, every model" if args.in_process else "a fresh one per model",
+        "round_to": args.round_to, "round_to_2x": args.round_to_2x,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "tp_memory_gb": args.tp_memory_gb,
         "loadavg_start": list(os.getloadavg()), "ignore_lists": {"ours": [], "theirs": "nn.Linear(out=1000)"}})
     for name in args.models:
