@@ -3,13 +3,15 @@ rounding, bounds per group, cheap planning in loops (verify=False), and a measur
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from prunekit.flops import count_macs, count_params
 from prunekit.structured import CostModel, LatencyTarget, plan, trace
-from prunekit.structured.budget import LatencyCostModel, greedy
+from prunekit.structured.budget import LatencyCostModel, greedy, unit_segments
 
 
 class Net(nn.Module):
@@ -245,3 +247,43 @@ def test_refill_gives_back_the_units_whose_work_costs_the_least_time_within_the_
         for g in (first, second):  # what comes back is the highest-scoring pruned units
             if g.index in out:
                 assert torch.equal(out[g.index], torch.arange(16) < expected[g is second])
+
+
+class DenseBlock(nn.Module):
+    """A stem and three DenseNet-style layers, each reading the concatenation of everything before it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.BatchNorm2d(16 * (i + 1)), nn.ReLU(), nn.Conv2d(16 * (i + 1), 32, 1), nn.ReLU(),
+                          nn.Conv2d(32, 16, 3, padding=1)) for i in range(3))
+        self.transition = nn.Conv2d(64, 24, 1)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        features = [self.stem(x)]
+        for layer in self.layers:
+            features.append(layer(torch.cat(features, 1)))
+        x = self.transition(torch.cat(features, 1))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("how", [{"sparsity": 0.4}, {"macs": 0.5}, {"macs": 0.5, "allocation": "uniform"},
+                                 {"macs": 0.5, "allocation": "latency"}])
+def test_round_to_holds_for_every_layer_of_a_concatenation(how):
+    """A DenseNet block's growth channels form one group; rounding its total would leave layers 10 or 13 wide."""
+    torch.manual_seed(0)
+    model = DenseBlock().eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = trace(model, x)
+    block = max(graph.groups, key=lambda g: g.num_units)
+    assert [len(s) for s in unit_segments(block)] == [16, 16, 16, 16]  # the stem's and each layer's output
+    p = plan(model, x, round_to=8, criterion="l2", graph=graph, **how)
+    small = p.apply(copy.deepcopy(model))
+    assert small(x).shape == (2, 5)
+    widths = [(n, m.in_channels, m.out_channels) for n, m in small.named_modules() if isinstance(m, nn.Conv2d)]
+    assert all(c % 8 == 0 for n, cin, cout in widths for c in ([cout] if n == "stem" else [cin, cout])), widths
+    assert sum(cout for n, _, cout in widths if n == "stem" or n.endswith(".4")) < 64  # the block did shrink
+    if "macs" in how:
+        assert p.macs[1] <= 0.5 * p.macs[0]

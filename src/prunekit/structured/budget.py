@@ -8,7 +8,9 @@ kept as they are, so the prediction is an upper bound that is exact for convolut
 
 :func:`greedy` removes units across all groups, one chunk at a time, lowest ``score / cost saved`` first (scores
 L2-normalised per group, as Molchanov et al. 2017 do for their global ranking), until the budget is met. Chunks keep
-every group's channel count a multiple of ``round_to``; ``min_channels`` and ``max_sparsity`` bound each group.
+every group's channel count a multiple of ``round_to`` — segment by segment where a group concatenates the outputs of
+several layers (:func:`unit_segments`), so each layer's width is a multiple too; ``min_channels`` and
+``max_sparsity`` bound each group (each segment).
 
 Examples:
     >>> import torch
@@ -33,7 +35,7 @@ from torch import nn
 
 from prunekit.structured.dependency import DependencyGraph, Group, Member
 
-__all__ = ["Chunk", "CostModel", "LatencyCostModel", "greedy"]
+__all__ = ["Chunk", "CostModel", "LatencyCostModel", "greedy", "unit_segments"]
 
 
 class CostModel:
@@ -192,9 +194,10 @@ def greedy(graph: DependencyGraph, cost: CostModel, scores: Mapping[int, torch.T
         scores: Per group index, normalised scores per unit (higher = kept; ``-inf`` = must go).
         which: ``"macs"``, ``"params"`` or, with a :class:`LatencyCostModel`, ``"seconds"``.
         target: The budget in that unit.
-        round_to: Keep every group's channel count (along its narrowest member) a multiple of this, where possible.
+        round_to: Keep every group's channel count (along its narrowest member) a multiple of this, where possible;
+            in a group of several segments (:func:`unit_segments`), every segment's count of at least ``round_to``.
         min_channels: Keep at least this many channels in every group and every member tensor dimension.
-        max_sparsity: Remove at most this fraction of any group's units.
+        max_sparsity: Remove at most this fraction of any group's units (of every segment's).
         exhaust: Go on past the target until nothing more can be removed (to get the whole removal sequence).
 
     Returns:
@@ -207,20 +210,27 @@ def greedy(graph: DependencyGraph, cost: CostModel, scores: Mapping[int, torch.T
     for name, dims in cost.tensor_dims.items():
         tensor_cost[name] = cost.base[name][index]
     total = cost.fixed(which) + sum(tensor_cost.values())
-    order = {g.index: torch.argsort(scores[g.index], stable=True).tolist() for g in groups if g.index in scores}
+    # A slot is a group's segment (see unit_segments): chunks are taken from one slot at a time and, with round_to,
+    # keep the slot's channel count a multiple of it, so every layer of a concatenation stays a multiple too.
+    slots: list[tuple[Group, torch.Tensor, bool]] = []  # (group, its units in this slot, the group's only slot)
+    slots_of: dict[int, list[int]] = {}
+    for g in groups:
+        if g.index not in scores:
+            continue
+        parts = unit_segments(g)
+        for part in parts:
+            slots_of.setdefault(g.index, []).append(len(slots))
+            slots.append((g, part, len(parts) == 1))
+    order = [part[torch.argsort(scores[g.index][part], stable=True)].tolist() for g, part, _ in slots]
     removed = {g.index: torch.zeros(g.num_units, dtype=torch.bool) for g in groups}
-    taken = dict.fromkeys(removed, 0)
+    taken = [0] * len(slots)
     skipped: dict[int, set[int]] = {g.index: set() for g in groups}
     tensors_of = {g.index: sorted({key[0] for key, _ in cost.positions[g.index]}) for g in groups}
-    neighbours: dict[int, set[int]] = {g.index: set() for g in groups}
     by_tensor: dict[str, set[int]] = {}
     for g, names in tensors_of.items():
         for n in names:
             by_tensor.setdefault(n, set()).add(g)
-    for members in by_tensor.values():
-        for g in members:
-            neighbours[g] |= members
-    version = dict.fromkeys(removed, 0)
+    version = [0] * len(slots)
 
     def tensor_value(name: str, changes: Mapping[tuple[str, int], float]) -> float:
         factor = 1.0
@@ -228,24 +238,26 @@ def greedy(graph: DependencyGraph, cost: CostModel, scores: Mapping[int, torch.T
             factor *= (kept[key] - changes.get(key, 0.0)) / cost.sizes[key]
         return cost.base[name][index] * factor
 
-    def next_chunk(g: Group) -> tuple[list[int], float, float] | None:
-        """(units, summed score, cost saved) of group g's next step, or None if it cannot shrink further."""
-        n = g.num_units
-        left = n - taken[g.index]
+    def next_chunk(i: int) -> tuple[list[int], float, float] | None:
+        """(units, summed score, cost saved) of slot i's next step, or None if it cannot shrink further."""
+        g, part, whole = slots[i]
+        n = int(part.numel())
+        left = n - taken[i]
         limit = n if max_sparsity is None else math.floor(max_sparsity * n + 1e-9)
-        min_units = max(1, math.ceil(max(min_channels - g.fixed, 0) / g.unit_width))
-        most = min(limit - taken[g.index], left - min_units)
+        fixed = g.fixed if whole else 0
+        min_units = max(1, math.ceil(max(min_channels - fixed, 0) / g.unit_width)) if whole else 1
+        most = min(limit - taken[i], left - min_units)
         if most < 1:
             return None
         k = 1
-        if round_to > 1:
-            fits = [c for c in range(1, most + 1) if (g.fixed + (left - c) * g.unit_width) % round_to == 0]
+        if round_to > 1 and (whole or n * g.unit_width >= round_to):
+            fits = [c for c in range(1, most + 1) if (fixed + (left - c) * g.unit_width) % round_to == 0]
             if not fits:
                 return None
             k = fits[0]
         units: list[int] = []
         changes: dict[tuple[str, int], float] = {}
-        for u in order[g.index]:
+        for u in order[i]:
             if len(units) == k:
                 break
             if removed[g.index][u] or u in skipped[g.index]:
@@ -265,9 +277,9 @@ def greedy(graph: DependencyGraph, cost: CostModel, scores: Mapping[int, torch.T
     heap: list[tuple[float, int, int, int]] = []
     counter = 0
 
-    def push(g: Group) -> None:
+    def push(i: int) -> None:
         nonlocal counter
-        found = next_chunk(g)
+        found = next_chunk(i)
         if found is None:
             return
         _, score, saved = found
@@ -275,11 +287,10 @@ def greedy(graph: DependencyGraph, cost: CostModel, scores: Mapping[int, torch.T
             return  # costs nothing: removing it does not help the budget
         priority = score / saved if saved > 0 else score
         counter += 1
-        heapq.heappush(heap, (priority, counter, g.index, version[g.index]))
+        heapq.heappush(heap, (priority, counter, i, version[i]))
 
-    for g in groups:
-        if g.index in order:
-            push(g)
+    for i in range(len(slots)):
+        push(i)
     steps: list[Chunk] = []
     reached: dict[int, torch.Tensor] | None = None
     if total <= target:
@@ -287,19 +298,19 @@ def greedy(graph: DependencyGraph, cost: CostModel, scores: Mapping[int, torch.T
         if not exhaust:
             return reached, steps
     while heap:
-        _, _, gi, ver = heapq.heappop(heap)
-        if ver != version[gi]:
+        _, _, i, ver = heapq.heappop(heap)
+        if ver != version[i]:
             continue
-        g = groups[gi]
-        found = next_chunk(g)
+        found = next_chunk(i)
         if found is None:
             continue
+        gi = slots[i][0].index
         units, _, _ = found
         for u in units:
             removed[gi][u] = True
             for key, counts in cost.positions[gi]:
                 kept[key] -= float(counts[u])
-        taken[gi] += len(units)
+        taken[i] += len(units)
         touched = set()
         for name in tensors_of[gi]:
             new = tensor_value(name, {})
@@ -308,8 +319,9 @@ def greedy(graph: DependencyGraph, cost: CostModel, scores: Mapping[int, torch.T
             touched |= by_tensor[name]
         steps.append(Chunk(gi, tuple(units), total))
         for other in touched | {gi}:
-            version[other] += 1
-            push(groups[other])
+            for j in slots_of.get(other, []):
+                version[j] += 1
+                push(j)
         if reached is None and total <= target + 1e-6:
             reached = {k: v.clone() for k, v in removed.items()}
             if not exhaust:
@@ -317,6 +329,21 @@ def greedy(graph: DependencyGraph, cost: CostModel, scores: Mapping[int, torch.T
     if reached is None:
         reached = {k: v.clone() for k, v in removed.items()}
     return reached, steps
+
+
+def unit_segments(group: Group) -> list[torch.Tensor]:
+    """The group's units split by the set of member dimensions they appear in: one segment per producer of a
+    concatenation (each DenseNet layer's growth channels, each Inception branch); a plain group is one segment.
+
+    A member dimension's positions are a union of whole segments, so keeping every segment's count a multiple of
+    ``round_to`` keeps every layer's width a multiple of it too (rounding the group's total would not).
+    """
+    counts = torch.stack([torch.bincount(m.unit[m.unit >= 0], minlength=group.num_units) for m in group.members])
+    present = (counts > 0).T  # (units, members)
+    if present.shape[0] == 0 or bool((present == present[:1]).all()):
+        return [torch.arange(group.num_units)]
+    _, inverse = torch.unique(present, dim=0, return_inverse=True)
+    return [torch.nonzero(inverse == s).squeeze(1) for s in torch.unique(inverse)]
 
 
 def masks_after(graph: DependencyGraph, steps: Sequence[Chunk], n: int) -> dict[int, torch.Tensor]:

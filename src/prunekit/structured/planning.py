@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_flatten
 from prunekit.flops import count_params
 from prunekit.masks import Mask
 from prunekit.structured.applying import apply_plan, structural_copy
-from prunekit.structured.budget import Chunk, CostModel, LatencyCostModel, greedy, masks_after
+from prunekit.structured.budget import Chunk, CostModel, LatencyCostModel, greedy, masks_after, unit_segments
 from prunekit.structured.criteria import GroupCriterion, get_criterion, normalize
 from prunekit.structured.dependency import DependencyGraph, Group, _registry, trace
 from prunekit.structured.handlers import Handler, HandlerRegistry, ModuleSizes
@@ -273,14 +273,11 @@ def _count(group: Group, sparsity: float, round_to: int, min_channels: int) -> i
     return k
 
 
-def _segments(counts: torch.Tensor) -> list[torch.Tensor]:
-    """Units grouped by the set of members they appear in (one segment per producer of a concatenation, e.g. each
-    DenseNet layer's growth channels); a plain group is a single segment."""
-    present = (counts > 0).T  # (units, members)
-    if present.shape[0] == 0 or bool((present == present[:1]).all()):
-        return [torch.arange(present.shape[0])]
-    _, inverse = torch.unique(present, dim=0, return_inverse=True)
-    return [torch.nonzero(inverse == s).squeeze(1) for s in torch.unique(inverse)]
+def _round_segment(n: int, c: int, width: int, round_to: int) -> int:
+    """How many of a segment's ``n`` units to prune, near ``c``, so that the kept width is a multiple of
+    ``round_to`` (kept whole when that is nearest; ``c`` as it is for a segment narrower than ``round_to``)."""
+    fits = [n - kept for kept in range(1, n + 1) if kept * width % round_to == 0]
+    return min(fits, key=lambda f: (abs(f - c), f)) if round_to > 1 and fits else c
 
 
 def _even_split(sizes: list[int], k: int) -> list[int]:
@@ -293,25 +290,28 @@ def _even_split(sizes: list[int], k: int) -> list[int]:
     return out
 
 
-def _select(group: Group, scores: torch.Tensor, k: int, min_channels: int) -> torch.Tensor:
+def _select(group: Group, scores: torch.Tensor, k: int, min_channels: int, round_to: int = 1) -> torch.Tensor:
     """Prune the ``k`` lowest-scoring units, skipping any unit whose removal would leave a member tensor dimension
     with fewer than ``min_channels`` positions (a group can span many layers, e.g. a DenseNet block's growth
     channels, and no layer may lose all of its channels).
 
     Where a group concatenates the outputs of several layers (DenseNet blocks, Inception and Fire modules), each
     layer's segment loses the same fraction, its own lowest-scoring units: ranking scores across layers would empty
-    some layers down to one channel and keep others whole, which costs accuracy and runs slowly.
+    some layers down to one channel and keep others whole, which costs accuracy and runs slowly. With ``round_to``,
+    each segment's kept width is rounded to a multiple of it, so every layer reading the concatenation gets a
+    rounded width too (``k`` is then met as nearly as that allows).
     """
     counts = torch.stack([torch.bincount(m.unit[m.unit >= 0], minlength=group.num_units) for m in group.members])
     left = torch.tensor([m.unit.numel() for m in group.members])
     floor = torch.clamp(torch.tensor(min_channels), max=left)
     mask = torch.zeros(group.num_units, dtype=torch.bool)
     order = torch.argsort(scores, stable=True)
-    segments = _segments(counts)
+    segments = unit_segments(group)
     if len(segments) == 1:
         lowest = order[:k]
     else:
         per = _even_split([len(s) for s in segments], k)
+        per = [_round_segment(len(seg), c, group.unit_width, round_to) for seg, c in zip(segments, per)]
         lowest = torch.cat([seg[torch.argsort(scores[seg], stable=True)[:c]] for seg, c in zip(segments, per)])
     if bool((left - counts[:, lowest].sum(dim=1) >= floor).all()):  # the common case: no member runs dry
         mask[lowest] = True
@@ -535,7 +535,7 @@ def _choose(model: nn.Module, example_inputs: Any, graph: DependencyGraph, regis
             s = check_sparsity(sparsity(g), "sparsity(group)") if callable(sparsity) else float(sparsity)
             k = _count(g, s, round_to, min_channels)
             if k:
-                pruned[g.index] = _select(g, _scores(score, g, tensors), k, min_channels)
+                pruned[g.index] = _select(g, _scores(score, g, tensors), k, min_channels, round_to)
         return pruned, notes, None
     cost = CostModel(model, graph)
     if allocation == "latency":
@@ -687,6 +687,7 @@ def _refill(graph: DependencyGraph, cost: LatencyCostModel, pruned: Mapping[int,
     count = cost.params if which == "params" else cost.macs
     pruned = {g: m.clone() for g, m in pruned.items() if bool(m.any())}
     stuck: set[int] = set()
+    segments = {g.index: unit_segments(g) for g in graph.groups}
 
     def change(kept: Mapping[tuple[str, int], float], more: Mapping[tuple[str, int], float], i: int) -> float:
         """How much cost ``i`` (0 MACs, 1 parameters, 2 seconds) grows when ``more`` positions come back."""
@@ -707,20 +708,24 @@ def _refill(graph: DependencyGraph, cost: LatencyCostModel, pruned: Mapping[int,
             mask = pruned.get(g.index)
             if mask is None or g.index in stuck:
                 continue
-            gone = torch.nonzero(mask).squeeze(1)
-            left = g.num_units - gone.numel()
-            k = next((c for c in range(1, gone.numel() + 1)
-                      if (g.fixed + (left + c) * g.unit_width) % round_to == 0), gone.numel())
-            back = gone[torch.argsort(scores[g.index][gone].double(), descending=True, stable=True)[:k]]
-            more = {key: float(counts[back].sum()) for key, counts in cost.positions[g.index]}
-            added = change(kept, more, column)
-            if now + added > target:
-                continue
-            gain = added / max(now, 1) - change(kept, more, 2) / max(seconds, 1e-12)
-            if gain > 0 and (best is None or gain > best[0]):
-                trial = mask.clone()
-                trial[back] = False
-                best = (gain, g.index, trial)
+            for part in segments[g.index]:  # a step stays within one segment, keeping its width rounded
+                gone = part[mask[part]]
+                if gone.numel() == 0:
+                    continue
+                left = part.numel() - gone.numel()
+                fixed = g.fixed if len(segments[g.index]) == 1 else 0
+                k = next((c for c in range(1, gone.numel() + 1)
+                          if (fixed + (left + c) * g.unit_width) % round_to == 0), gone.numel())
+                back = gone[torch.argsort(scores[g.index][gone].double(), descending=True, stable=True)[:k]]
+                more = {key: float(counts[back].sum()) for key, counts in cost.positions[g.index]}
+                added = change(kept, more, column)
+                if now + added > target:
+                    continue
+                gain = added / max(now, 1) - change(kept, more, 2) / max(seconds, 1e-12)
+                if gain > 0 and (best is None or gain > best[0]):
+                    trial = mask.clone()
+                    trial[back] = False
+                    best = (gain, g.index, trial)
         if best is None:
             return pruned
         previous = pruned[best[1]]
@@ -782,7 +787,7 @@ def _uniform_search(model: nn.Module, example_inputs: Any, graph: DependencyGrap
         for g in graph.groups:
             k = _count(g, s, round_to, min_channels)
             if k:
-                out[g.index] = _select(g, scores[g.index], k, min_channels)
+                out[g.index] = _select(g, scores[g.index], k, min_channels, round_to)
         return out
 
     if latency is not None:
