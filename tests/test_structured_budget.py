@@ -202,6 +202,29 @@ def test_ranking_by_seconds_saved_removes_the_slow_layers_units_first():
         assert all(b.cost < a.cost for a, b in zip(steps, steps[1:]))  # every step saves time
 
 
+def test_seconds_per_mac_ranking_shrinks_the_layer_slowest_for_its_work_first_whatever_the_scores():
+    from prunekit.structured.planning import _mac_scores
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 2)).eval()
+    x = torch.randn(4, 16)
+    graph = trace(model, x)
+    first, second = sorted(graph.groups, key=lambda g: g.members[0].name)
+    importance = {first.index: 10.0 + torch.randperm(16).float(), second.index: 0.1 * torch.rand(32)}
+    times = {"0": 0.1, "2": 0.1, "4": 0.1, "1": 5.0, "3": 0.01, "": 6.0}  # the first hidden layer's ReLU is slow
+    cost = LatencyCostModel(model, graph, times)
+    by_mac = _mac_scores(graph, cost, importance)
+    # a unit's score is the MACs it saves: a row of layer 0 and a column of layer 2 (4 * (16 + 32)), or a row of
+    # layer 2 and a column of layer 4 (4 * (16 + 2)); importance only orders the units within a group
+    assert torch.allclose(by_mac[first.index], torch.tensor(4.0 * 48), rtol=2e-3)
+    assert torch.allclose(by_mac[second.index], torch.tensor(4.0 * 18), rtol=2e-3)
+    _, steps = greedy(graph, cost, by_mac, which="seconds", target=0.0, exhaust=True, max_sparsity=0.5)
+    assert [s.group for s in steps[:8]] == [first.index] * 8
+    assert [s.units[0] for s in steps[:8]] == torch.argsort(importance[first.index])[:8].tolist()
+    _, by_score = greedy(graph, cost, importance, which="seconds", target=0.0, exhaust=True, max_sparsity=0.5)
+    assert by_score[0].group == second.index  # importance per second saved goes the other way here
+
+
 def test_latency_allocation_keeps_the_fastest_measured_candidate_within_the_budget():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1),
@@ -211,9 +234,10 @@ def test_latency_allocation_keeps_the_fastest_measured_candidate_within_the_budg
     p = plan(model, x, macs=0.5, allocation="latency", round_to=8)
     assert p.macs[1] <= 0.5 * p.macs[0]  # counted on the pruned model
     note = next(n for n in p.notes if "allocation 'latency'" in n)
-    assert 1 <= note.count(" ms (predicted ") <= 6 and "uniform" in note and "profile of the dense model" in note
+    assert 1 <= note.count(" ms (predicted ") <= 8 and "uniform" in note and "profile of the dense model" in note
     chosen = note.split("; kept: ")[1].split(";")[0]
-    names = ("uniform", "ranked, at most 0.5 of a group", "ranked, at most 0.8 of a group")
+    names = ("uniform", "ranked, at most 0.5 of a group", "ranked, at most 0.8 of a group",
+             "seconds per MAC, at most 0.5 of a group")
     assert chosen in [f"{n}, channels a multiple of {r}" for n in names for r in (8, 16)]
     for g in p.groups:  # the coarser candidates keep multiples of 16, which are multiples of 8 too
         assert (g.units - g.pruned) % 8 == 0

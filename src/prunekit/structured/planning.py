@@ -399,7 +399,8 @@ def plan(
         predicts the seconds each unit saves (:class:`~prunekit.structured.budget.LatencyCostModel`). Candidates:
         units ranked by score per second saved (layers slow for their MACs, such as early high-resolution layers,
         pooling and normalisation, shrink first), cut at the budget, with at most half or at most ``max_sparsity``
-        of any group; and the ``"uniform"`` allocation; each with channel counts rounded to ``round_to`` and to
+        of any group; units ranked by seconds saved per MAC saved alone (scores only order units within a group),
+        at most half of any group; and the ``"uniform"`` allocation; each with channel counts rounded to ``round_to`` and to
         ``2 * round_to`` (also multiples of ``round_to``; which runs faster depends on the kernels). Where a
         candidate undershoots the budget, units come back (highest scores first) while the budget holds and the
         work they return is a larger share than the predicted time they add. Each candidate is applied to a copy
@@ -609,9 +610,11 @@ def _latency_ranked(model: nn.Module, example_inputs: Any, graph: DependencyGrap
     profile = (f"profile of the dense model's layers: {cost.total_seconds * 1e3:.3f} ms per call, "
                f"{min(cost.attributed / max(cost.total_seconds, 1e-12), 1.0):.0%} of it in layers that shrink")
 
-    def ranked(cap: float, rounding: int = round_to) -> list[Chunk]:
-        return greedy(graph, cost, scores, which="seconds", target=0.0, round_to=rounding, min_channels=min_channels,
+    def ranked(cap: float, rounding: int = round_to, by: Mapping[int, torch.Tensor] = scores) -> list[Chunk]:
+        return greedy(graph, cost, by, which="seconds", target=0.0, round_to=rounding, min_channels=min_channels,
                       max_sparsity=cap, exhaust=True)[1]
+
+    per_mac = _mac_scores(graph, cost, scores)
 
     if latency is not None:
         pruned, note = _latency_search(model, example_inputs, graph, registry, ranked(max_sparsity), latency)
@@ -647,6 +650,8 @@ def _latency_ranked(model: nn.Module, example_inputs: Any, graph: DependencyGrap
             round_to=rounding, min_channels=min_channels, max_sparsity=max_sparsity)[0]
         for cap in sorted({min(0.5, max_sparsity), max_sparsity}):
             candidates[f"ranked, at most {cap:g} of a group" + suffix] = cut(ranked(cap, rounding))
+        candidates[f"seconds per MAC, at most {min(0.5, max_sparsity):g} of a group" + suffix] = cut(
+            ranked(min(0.5, max_sparsity), rounding, per_mac))
     candidates = {k: v for k, v in candidates.items() if count(v) <= target} or candidates
     candidates = {k: _refill(graph, cost, v, raw, which, target, round_to) for k, v in candidates.items()}
     unique: dict[tuple[bytes, ...], str] = {}
@@ -672,6 +677,24 @@ def _latency_ranked(model: nn.Module, example_inputs: Any, graph: DependencyGrap
                              f"{cost.seconds(candidates[k]) * 1e3:.3f})" for k in measured)
                  + f"; kept: {best}; {profile}")
     return candidates[best], notes, cost
+
+
+def _mac_scores(graph: DependencyGraph, cost: CostModel, scores: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Scores that make :func:`greedy` with ``which="seconds"`` go by predicted seconds saved per MAC saved.
+
+    A unit's score is the MACs its removal saves at the dense widths; its importance (``scores``) only orders the
+    units within a group. Chunks then go lowest ``MACs / seconds`` first: the layers slowest for their work (GELUs
+    and normalisations of wide activations, memory-bound thin layers) shrink first, the fastest way down to a MAC
+    budget.
+    """
+    out: dict[int, torch.Tensor] = {}
+    for g in graph.groups:
+        saved = torch.zeros(g.num_units, dtype=torch.float64)
+        for key, counts in cost.positions[g.index]:
+            saved += cost.base[key[0]][0] * counts / cost.sizes[key]
+        rank = torch.argsort(torch.argsort(scores[g.index], stable=True), stable=True).double() / max(g.num_units, 1)
+        out[g.index] = (saved.clamp(min=1.0) * (1.0 + 1e-3 * rank)).float()
+    return out
 
 
 def _refill(graph: DependencyGraph, cost: LatencyCostModel, pruned: Mapping[int, torch.Tensor],
