@@ -311,3 +311,16 @@ def test_round_to_holds_for_every_layer_of_a_concatenation(how):
     assert sum(cout for n, _, cout in widths if n == "stem" or n.endswith(".4")) < 64  # the block did shrink
     if "macs" in how:
         assert p.macs[1] <= 0.5 * p.macs[0]
+
+
+def test_a_group_narrower_than_round_to_keeps_a_power_of_two_fraction_of_it():
+    """round_to=16 cannot hold for 8 channels: keep 8 (a multiple of 8) rather than an odd 5, which runs slowly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 32, 3), nn.ReLU(), nn.Conv2d(32, 12, 1),
+                          nn.ReLU(), nn.Conv2d(12, 4, 1)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    for how in ({"sparsity": 0.4}, {"macs": 0.7, "allocation": "uniform"}):
+        p = plan(model, x, round_to=16, **how)
+        small = p.apply(copy.deepcopy(model))
+        widths = [m.out_channels for m in small if isinstance(m, nn.Conv2d)]
+        assert widths == [8, 16, 8, 4], (how, widths)  # 12 channels: 8, the nearest multiple of 8

@@ -260,24 +260,29 @@ def _ratio(before: int, after: int) -> str:
 
 
 def _count(group: Group, sparsity: float, round_to: int, min_channels: int) -> int:
-    """How many of the group's units to prune."""
+    """How many of the group's units to prune (rounded: see :func:`plan`'s ``round_to``)."""
     n, width, fixed = group.num_units, group.unit_width, group.fixed
     target = min(n, math.floor(sparsity * n + 0.5))
     min_units = max(1, math.ceil(max(min_channels - fixed, 0) / width))
     most = max(0, n - min_units)
     k = min(target, most)
-    if round_to > 1 and k > 0:
+    while round_to > 1 and k > 0:  # a group too narrow for round_to gets the largest power-of-two fraction of it
         fits = [c for c in range(most + 1) if (fixed + (n - c) * width) % round_to == 0]
         if fits:
-            k = min(fits, key=lambda c: (abs(c - target), c))
+            return min(fits, key=lambda c: (abs(c - target), c))
+        round_to //= 2
     return k
 
 
 def _round_segment(n: int, c: int, width: int, round_to: int) -> int:
     """How many of a segment's ``n`` units to prune, near ``c``, so that the kept width is a multiple of
-    ``round_to`` (kept whole when that is nearest; ``c`` as it is for a segment narrower than ``round_to``)."""
-    fits = [n - kept for kept in range(1, n + 1) if kept * width % round_to == 0]
-    return min(fits, key=lambda f: (abs(f - c), f)) if round_to > 1 and fits else c
+    ``round_to`` (kept whole when that is nearest), or of a power-of-two fraction of it in a narrower segment."""
+    while round_to > 1:  # as in _count: the largest power-of-two fraction of round_to that the segment allows
+        fits = [n - kept for kept in range(1, n + 1) if kept * width % round_to == 0]
+        if fits:
+            return min(fits, key=lambda f: (abs(f - c), f))
+        round_to //= 2
+    return c
 
 
 def _even_split(sizes: list[int], k: int) -> list[int]:
@@ -427,7 +432,9 @@ def plan(
         data: Calibration batches for data-driven criteria: ``(inputs, labels)`` pairs (task loss) or bare inputs
             (distillation against the model's own outputs).
         loss: Loss of the ``"taylor"`` criterion (see :class:`~prunekit.structured.TaylorScore`).
-        round_to: Where possible, keep a multiple of this many channels in each group (e.g. 8 for SIMD kernels).
+        round_to: Where possible, keep a multiple of this many channels in each group (e.g. 8 for SIMD kernels);
+            with ``sparsity=`` or ``allocation="uniform"``, a group narrower than that keeps a multiple of the
+            largest power-of-two fraction of it that fits (8 of 8 channels rather than 5 with ``round_to=16``).
         min_channels: Keep at least this many channels in each group (at least one unit is always kept).
         max_sparsity: With a budget, remove at most this fraction of any group's units (default 0.8, so that the
             cost-aware ranking never strips a cheap-to-remove group to a sliver).
