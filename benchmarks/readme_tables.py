@@ -521,7 +521,11 @@ def render_structured_latency(doc: dict[str, Any]) -> tuple[str, list[str]]:
         spread = dig(s, "ours_2x", "passes", f"ratio_b{last}")
         if isinstance(spread, list) and len(spread) > 1 and all(is_number(v) for v in spread):
             ratios += f" (2x: median of {len(spread)} passes, {min(spread):.2f}–{max(spread):.2f})"
-        bars = "; ".join(f"{bar_label(k)}: {fmt_status(v)}" for k, v in as_dict(s.get("bars")).items())
+        def bar_text(key: str, value: Any) -> str:
+            paired = dig(s, "ours_matched", key) if key.startswith("vs_tp_b") else None
+            return f"{bar_label(key)}: {fmt_status(value)}" + (f" ({paired:.2f}x)" if is_number(paired) else "")
+
+        bars = "; ".join(bar_text(k, v) for k, v in as_dict(s.get("bars")).items())
         rows.append([model, macs, *speed, ratios, bars or NOT_MEASURED])
     passes = dig(doc, "meta", "passes")
     rounding = sorted({str(as_dict(r.get("ours_2x")).get("round_to")) for r in runs.values()
@@ -532,7 +536,9 @@ def render_structured_latency(doc: dict[str, Any]) -> tuple[str, list[str]]:
               "latency speed-up over the dense model. The speed-up / MAC-reduction goal applies to the 2x column (it "
               "must lose ≥ 2x MACs)." + (f" Every figure is the median over {passes} passes (each plans 2x again "
                                          "and times all models again); the bars are judged on the medians."
-                                         if is_number(passes) and passes > 1 else "")),
+                                         if is_number(passes) and passes > 1 else "")
+              + " The Torch-Pruning bar compares matched with TP within each pass (the two are timed interleaved): "
+                "in brackets, matched's speed over TP's, median over passes."),
              ""]
     lines += md_table(["model", "fewer MACs: 50% / 2x / TP",
                        *(f"speed-up batch {b}: 50% / 2x / TP / matched" for b in batches),
