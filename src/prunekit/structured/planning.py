@@ -405,8 +405,9 @@ def plan(
         units ranked by score per second saved (layers slow for their MACs, such as early high-resolution layers,
         pooling and normalisation, shrink first), cut at the budget, with at most half or at most ``max_sparsity``
         of any group; units ranked by seconds saved per MAC saved alone (scores only order units within a group),
-        at most half of any group; and the ``"uniform"`` allocation; each with channel counts rounded to ``round_to`` and to
-        ``2 * round_to`` (also multiples of ``round_to``; which runs faster depends on the kernels). Where a
+        at most half of any group; and the ``"uniform"`` allocation; each with channel counts rounded to
+        ``round_to`` and to ``2 * round_to`` (also multiples of ``round_to``; which runs faster depends on the
+        kernels; in a concatenation, every producer's part is rounded). Where a
         candidate undershoots the budget, units come back (highest scores first) while the budget holds and the
         work they return is a larger share than the predicted time they add. Each candidate is applied to a copy
         and timed (:func:`~prunekit.structured.measure_latency`; the two fastest timed again), and the fastest is
@@ -621,11 +622,10 @@ def _latency_ranked(model: nn.Module, example_inputs: Any, graph: DependencyGrap
         return greedy(graph, cost, by, which="seconds", target=0.0, round_to=rounding, min_channels=min_channels,
                       max_sparsity=cap, exhaust=True)[1]
 
-    per_mac = _mac_scores(graph, cost, scores)
-
     if latency is not None:
         pruned, note = _latency_search(model, example_inputs, graph, registry, ranked(max_sparsity), latency)
         return pruned, [note, f"allocation 'latency': units ranked by score per second saved ({profile})"], cost
+    per_mac = _mac_scores(graph, cost, scores)
     which = "params" if params is not None else "macs"
     dense = cost.total_params if which == "params" else cost.total_macs
     target = float(_budget(params if which == "params" else macs, dense, which))  # type: ignore[arg-type]
