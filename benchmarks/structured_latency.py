@@ -49,8 +49,9 @@ reduction >= 0.8 (``ours_2x``; ``ours`` at 50% of the channels is reported besid
 of Torch-Pruning's median time over ``ours_matched``'s in the same pass (see :func:`median_summary`).
 ``--resummarize`` recomputes the summaries and bars of a results file from its stored timings, measuring nothing.
 
-Run (quiet machine; ~1 h):  .venv/bin/python benchmarks/structured_latency.py
-Medians of 3 passes (~2.5 h): .venv/bin/python benchmarks/structured_latency.py --passes 3
+Run (quiet machine; ~25 min):  .venv/bin/python benchmarks/structured_latency.py
+As committed, medians of 3 passes (~1 h on 2 cores):
+    .venv/bin/python benchmarks/structured_latency.py --repeats 10 --passes 3
 Smoke (~3 min):             .venv/bin/python benchmarks/structured_latency.py --quick
 Torch-Pruning is a benchmark-only dependency: ``.venv/bin/pip install torch-pruning==1.6.1 --no-deps``.
 """
