@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from prunekit.flops import count_params
+from prunekit.flops import count_macs, count_params
 from prunekit.masks import Mask
 from prunekit.structured.applying import apply_plan, structural_copy
 from prunekit.structured.budget import Chunk, CostModel, LatencyCostModel, greedy, masks_after, unit_segments
@@ -422,6 +422,8 @@ def plan(
         sparsity: Fraction in [0, 1) of each group's units to remove, or ``fn(group) -> fraction`` per group
             (default 0.5 when no budget is given).
         macs: MAC budget: a float in (0, 1] is a fraction of the dense model's MACs, an int an absolute count.
+            Where some MACs are carried by no weight (attention's ``QK^T`` and ``AV``, which shrink as heads go),
+            the cut is checked by counting the MACs of pruned copies rather than by the prediction alone.
         params: Parameter budget, likewise.
         latency: Latency budget: a fraction of the dense model's measured latency (float in (0, 1]), a time such as
             ``"5ms"``, or a :class:`LatencyTarget` (which also sets the inputs, repeats and threads of the timing).
@@ -570,6 +572,9 @@ def _choose(model: nn.Module, example_inputs: Any, graph: DependencyGraph, regis
     pruned, _ = greedy(graph, cost, scores, which=which, target=target, round_to=round_to,
                        min_channels=min_channels, max_sparsity=limit)
     got = cost.params(pruned) if which == "params" else cost.macs(pruned)
+    if which == "macs" and cost.fixed_macs > 0:  # MACs of no weight: count them rather than predict
+        pruned, got = _cut_counted(model, example_inputs, graph, registry, cost, scores, pruned, target,
+                                   round_to=round_to, min_channels=min_channels, max_sparsity=limit)
     if got > target * (1 + 1e-9):
         notes.append(f"budget {which}={int(target)} cannot be met with min_channels={min_channels}, "
                      f"max_sparsity={limit}: reached {got}")
@@ -666,6 +671,11 @@ def _latency_ranked(model: nn.Module, example_inputs: Any, graph: DependencyGrap
         unique.setdefault(tuple(bytes(v[g].numpy()) if g in v else b"" for g in range(len(graph.groups))), k)
     small = {k: apply_plan_copy(_make_plan(model, graph, candidates[k], registry, []), model)
              for k in unique.values()}
+    counted: dict[str, int] = {}
+    if which == "macs":
+        for k in small:
+            candidates[k], small[k], counted[k] = _refill_counted(
+                model, example_inputs, graph, registry, cost, candidates[k], small[k], raw, target, round_to)
     measured = measure_latency(small, inputs, threads=threads, repeats=5, warmup=1)  # a first screen, then
     finalists = sorted(measured, key=lambda k: measured[k].median)[:2]  # the two fastest timed again, longer
     if len(finalists) > 1:  # their samples pooled with the screen's: a burst of noise in one pass weighs less
@@ -675,7 +685,7 @@ def _latency_ranked(model: nn.Module, example_inputs: Any, graph: DependencyGrap
             measured[k] = Latency(statistics.median(pooled), pooled, timed.number)
     best = min(finalists, key=lambda k: measured[k].median)
     notes = [f"target: {which} <= {int(target)} ({target / dense:.3f} of dense)"]
-    reached = count(candidates[best])
+    reached = counted.get(best, count(candidates[best]))
     if reached > target:
         notes.append(f"budget {which}={int(target)} cannot be met with min_channels={min_channels}, "
                      f"max_sparsity={max_sparsity}: reached {reached}")
@@ -684,6 +694,76 @@ def _latency_ranked(model: nn.Module, example_inputs: Any, graph: DependencyGrap
                              f"{cost.seconds(candidates[k]) * 1e3:.3f})" for k in measured)
                  + f"; kept: {best}; {profile}")
     return candidates[best], notes, cost
+
+
+def _cut_counted(model: nn.Module, example_inputs: Any, graph: DependencyGraph, registry: HandlerRegistry,
+                 cost: CostModel, scores: Mapping[int, torch.Tensor], pruned: dict[int, torch.Tensor], target: float,
+                 *, round_to: int, min_channels: int, max_sparsity: float, tries: int = 12,
+                 ) -> tuple[dict[int, torch.Tensor], int]:
+    """The shortest prefix of the global ranking whose *counted* MACs meet ``target`` (``allocation="global"``).
+
+    The ranking is cut where the predicted MACs meet the budget, but MACs of no weight (attention's ``QK^T`` and
+    ``AV``) shrink too when heads go, so that cut can land far below the budget (a 0.5 budget gave 0.25 of the
+    dense MACs on a small attention model). Shorter prefixes are counted on applied copies (bisection, ``tries``
+    counts at most). Returns ``(pruned, counted MACs)``.
+    """
+    small = apply_plan_copy(_make_plan(model, graph, pruned, registry, []), model)
+    counted = count_macs(small, example_inputs, per_module=False).total
+    if counted >= cost.macs(pruned) or counted > target:
+        return pruned, counted  # the prediction was exact, or even the count does not meet the budget
+    _, steps = greedy(graph, cost, scores, which="macs", target=0.0, round_to=round_to, min_channels=min_channels,
+                      max_sparsity=max_sparsity, exhaust=True)
+    hi = next((i + 1 for i, step in enumerate(steps) if step.cost <= target + 1e-6), len(steps))
+    lo, best = 0, (pruned, counted)  # invariant: the prefix of hi steps meets the budget, that of lo does not
+    for _ in range(tries):
+        if hi - lo <= 1:
+            break
+        mid = (lo + hi) // 2
+        trial = masks_after(graph, steps, mid)
+        n = count_macs(apply_plan_copy(_make_plan(model, graph, trial, registry, []), model), example_inputs,
+                       per_module=False).total
+        if n <= target:
+            hi, best = mid, (trial, n)
+        else:
+            lo = mid
+    return best
+
+
+def _refill_counted(model: nn.Module, example_inputs: Any, graph: DependencyGraph, registry: HandlerRegistry,
+                    cost: LatencyCostModel, pruned: dict[int, torch.Tensor], small: nn.Module,
+                    scores: Mapping[int, torch.Tensor], target: float, round_to: int, tries: int = 4,
+                    ) -> tuple[dict[int, torch.Tensor], nn.Module, int]:
+    """:func:`_refill` against the MACs counted on the pruned copy ``small``, where the prediction overshoots.
+
+    The cost model keeps MACs of no weight as they are (attention's ``QK^T`` and ``AV``), but they shrink with the
+    heads or head dimensions removed, so a candidate cut at the predicted budget lands below it (swin_t: 2.08x
+    fewer MACs for a 2x budget). The refill is run again with the budget raised by that overshoot, and the result
+    counted on its applied copy; where units that come back bring unpredicted MACs too (whole heads) and the count
+    exceeds the budget, the raise is halved (bisection, ``tries`` counts at most). Returns ``(pruned, small,
+    counted MACs)``: the refilled candidate with the most MACs that meets the budget, or the one given.
+    """
+    counted = count_macs(small, example_inputs, per_module=False).total
+    slack = cost.macs(pruned) - counted
+    best = (pruned, small, counted)
+    if slack <= 0 or counted >= target:
+        return best
+    lo, hi, raised = 0.0, float(slack), float(slack)  # a raise of lo meets the budget, one of hi may not
+    for _ in range(tries):
+        more = _refill(graph, cost, pruned, scores, "macs", target + raised, round_to)
+        if sum(int(m.sum()) for m in more.values()) == sum(int(m.sum()) for m in pruned.values()):
+            break  # nothing comes back at this raise: none at a smaller one either
+        trial = apply_plan_copy(_make_plan(model, graph, more, registry, []), model)
+        recounted = count_macs(trial, example_inputs, per_module=False).total
+        if recounted <= target:
+            if recounted > best[2]:
+                best = (more, trial, recounted)
+            lo = raised
+        else:
+            hi = raised
+        if hi - lo < 1.0:
+            break
+        raised = (lo + hi) / 2
+    return best
 
 
 def _mac_scores(graph: DependencyGraph, cost: CostModel, scores: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -809,7 +889,8 @@ def _uniform_search(model: nn.Module, example_inputs: Any, graph: DependencyGrap
                     latency: LatencyTarget | None, round_to: int, min_channels: int, max_sparsity: float | None,
                     ) -> tuple[dict[int, torch.Tensor], str]:
     """The smallest fraction of every group's units whose removal meets the budget (bisection; ``allocation=
-    "uniform"``). The cost only falls as the fraction grows (rounding moves it in steps), so bisection finds it."""
+    "uniform"``). The cost only falls as the fraction grows (rounding moves it in steps), so bisection finds it.
+    MACs are predicted, or counted on applied copies where some are carried by no weight (attention's matmuls)."""
     cap = 0.95 if max_sparsity is None else max_sparsity
 
     def masks(s: float) -> dict[int, torch.Tensor]:
@@ -839,10 +920,19 @@ def _uniform_search(model: nn.Module, example_inputs: Any, graph: DependencyGrap
         dense = float(cost.total_params if which == "params" else cost.total_macs)
         goal = float(_budget(params if which == "params" else macs, int(dense), which))  # type: ignore[arg-type]
 
-        def value(s: float) -> float:
-            return float(cost.params(masks(s)) if which == "params" else cost.macs(masks(s)))
+        counting = which == "macs" and cost.fixed_macs > 0  # MACs of no weight (attention) shrink too: count
+        counted: dict[float, float] = {}
 
-        what, unit, scale, steps = which, "", 1.0, 20
+        def value(s: float) -> float:
+            if not counting:
+                return float(cost.params(masks(s)) if which == "params" else cost.macs(masks(s)))
+            if s not in counted:
+                chosen = masks(s)
+                small = apply_plan_copy(_make_plan(model, graph, chosen, registry, []), model) if chosen else model
+                counted[s] = float(count_macs(small, example_inputs, per_module=False).total)
+            return counted[s]
+
+        what, unit, scale, steps = which, "", 1.0, 12 if counting else 20
     if value(0.0) <= goal:
         return {}, f"target: {what} <= {goal * scale:.6g}{unit}: met by the dense model"
     if value(cap) > goal:
