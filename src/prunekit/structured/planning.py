@@ -664,7 +664,9 @@ def _latency_ranked(model: nn.Module, example_inputs: Any, graph: DependencyGrap
             candidates[f"ranked, at most {cap:g} of a group" + suffix] = cut(ranked(cap, rounding))
         candidates[f"seconds per MAC, at most {min(0.5, max_sparsity):g} of a group" + suffix] = cut(
             ranked(min(0.5, max_sparsity), rounding, per_mac))
-    candidates = {k: v for k, v in candidates.items() if count(v) <= target} or candidates
+    counting = which == "macs" and cost.fixed_macs > 0  # MACs of no weight (attention): counted below
+    if not counting:
+        candidates = {k: v for k, v in candidates.items() if count(v) <= target} or candidates
     candidates = {k: _refill(graph, cost, v, raw, which, target, round_to) for k, v in candidates.items()}
     unique: dict[tuple[bytes, ...], str] = {}
     for k, v in candidates.items():  # identical candidates are timed once
@@ -672,10 +674,11 @@ def _latency_ranked(model: nn.Module, example_inputs: Any, graph: DependencyGrap
     small = {k: apply_plan_copy(_make_plan(model, graph, candidates[k], registry, []), model)
              for k in unique.values()}
     counted: dict[str, int] = {}
-    if which == "macs":
+    if counting:
         for k in small:
             candidates[k], small[k], counted[k] = _refill_counted(
                 model, example_inputs, graph, registry, cost, candidates[k], small[k], raw, target, round_to)
+        small = {k: m for k, m in small.items() if counted[k] <= target} or small
     measured = measure_latency(small, inputs, threads=threads, repeats=5, warmup=1)  # a first screen, then
     finalists = sorted(measured, key=lambda k: measured[k].median)[:2]  # the two fastest timed again, longer
     if len(finalists) > 1:  # their samples pooled with the screen's: a burst of noise in one pass weighs less
