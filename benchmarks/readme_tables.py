@@ -521,11 +521,10 @@ def render_structured_latency(doc: dict[str, Any]) -> tuple[str, list[str]]:
         spread = dig(s, "ours_2x", "passes", f"ratio_b{last}")
         if isinstance(spread, list) and len(spread) > 1 and all(is_number(v) for v in spread):
             ratios += f" (2x: median of {len(spread)} passes, {min(spread):.2f}–{max(spread):.2f})"
-        def bar_text(key: str, value: Any) -> str:
-            paired = dig(s, "ours_matched", key) if key.startswith("vs_tp_b") else None
-            return f"{bar_label(key)}: {fmt_status(value)}" + (f" ({paired:.2f}x)" if is_number(paired) else "")
-
-        bars = "; ".join(bar_text(k, v) for k, v in as_dict(s.get("bars")).items())
+        paired = {k: dig(s, "ours_matched", k) for k in as_dict(s.get("bars")) if k.startswith("vs_tp_b")}
+        bars = "; ".join(f"{bar_label(k)}: {fmt_status(v)}"
+                         + (f" ({paired[k]:.2f}x)" if is_number(paired.get(k)) else "")
+                         for k, v in as_dict(s.get("bars")).items())
         rows.append([model, macs, *speed, ratios, bars or NOT_MEASURED])
     passes = dig(doc, "meta", "passes")
     rounding = sorted({str(as_dict(r.get("ours_2x")).get("round_to")) for r in runs.values()

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from prunekit.flops import count_macs, count_params
-from prunekit.structured import CostModel, LatencyTarget, plan, trace
+from prunekit.structured import CostModel, DependencyGraph, Group, LatencyTarget, plan, trace
 from prunekit.structured.budget import LatencyCostModel, greedy, unit_segments
 
 
@@ -185,13 +185,19 @@ def test_latency_cost_model_scales_each_layers_measured_time_by_its_share_left()
                                                     CostModel(model, graph).params(half))
 
 
-def test_ranking_by_seconds_saved_removes_the_slow_layers_units_first():
+def _two_hidden_layers(second_width: int = 16) -> tuple[nn.Module, DependencyGraph, Group, Group]:
+    """Linear-ReLU-Linear-ReLU-Linear with hidden widths 16 and ``second_width``, traced; its groups in order."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2)).eval()
-    x = torch.randn(4, 16)
-    graph = trace(model, x)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, second_width), nn.ReLU(),
+                          nn.Linear(second_width, 2)).eval()
+    graph = trace(model, torch.randn(4, 16))
     first, second = sorted(graph.groups, key=lambda g: g.members[0].name)
     assert first.members[0].name.startswith("0.")
+    return model, graph, first, second
+
+
+def test_ranking_by_seconds_saved_removes_the_slow_layers_units_first():
+    model, graph, first, second = _two_hidden_layers()
     scores = {g.index: torch.ones(g.num_units) for g in graph.groups}
     for slow, fast in (("1", "3"), ("3", "1")):  # the ReLU after one hidden layer is slow
         times = {"0": 0.1, "2": 0.1, "4": 0.1, slow: 5.0, fast: 0.01, "": 6.0}
@@ -205,11 +211,7 @@ def test_ranking_by_seconds_saved_removes_the_slow_layers_units_first():
 def test_seconds_per_mac_ranking_shrinks_the_layer_slowest_for_its_work_first_whatever_the_scores():
     from prunekit.structured.planning import _mac_scores
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 2)).eval()
-    x = torch.randn(4, 16)
-    graph = trace(model, x)
-    first, second = sorted(graph.groups, key=lambda g: g.members[0].name)
+    model, graph, first, second = _two_hidden_layers(32)
     importance = {first.index: 10.0 + torch.randperm(16).float(), second.index: 0.1 * torch.rand(32)}
     times = {"0": 0.1, "2": 0.1, "4": 0.1, "1": 5.0, "3": 0.01, "": 6.0}  # the first hidden layer's ReLU is slow
     cost = LatencyCostModel(model, graph, times)
@@ -249,11 +251,7 @@ def test_latency_allocation_keeps_the_fastest_measured_candidate_within_the_budg
 def test_refill_gives_back_the_units_whose_work_costs_the_least_time_within_the_budget():
     from prunekit.structured.planning import _refill
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2)).eval()
-    x = torch.randn(4, 16)
-    graph = trace(model, x)
-    first, second = sorted(graph.groups, key=lambda g: g.members[0].name)
+    model, graph, first, second = _two_hidden_layers()
     scores = {g.index: torch.arange(g.num_units, dtype=torch.float) for g in graph.groups}
 
     def pruning(a: int, b: int) -> dict[int, torch.Tensor]:  # the a (b) lowest-scoring units of the first (second)

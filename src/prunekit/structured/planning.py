@@ -266,23 +266,25 @@ def _count(group: Group, sparsity: float, round_to: int, min_channels: int) -> i
     min_units = max(1, math.ceil(max(min_channels - fixed, 0) / width))
     most = max(0, n - min_units)
     k = min(target, most)
-    while round_to > 1 and k > 0:  # a group too narrow for round_to gets the largest power-of-two fraction of it
-        fits = [c for c in range(most + 1) if (fixed + (n - c) * width) % round_to == 0]
-        if fits:
-            return min(fits, key=lambda c: (abs(c - target), c))
-        round_to //= 2
-    return k
+    return _rounded(n, target, most, fixed, width, round_to, k) if k > 0 else k
 
 
 def _round_segment(n: int, c: int, width: int, round_to: int) -> int:
     """How many of a segment's ``n`` units to prune, near ``c``, so that the kept width is a multiple of
     ``round_to`` (kept whole when that is nearest), or of a power-of-two fraction of it in a narrower segment."""
-    while round_to > 1:  # as in _count: the largest power-of-two fraction of round_to that the segment allows
-        fits = [n - kept for kept in range(1, n + 1) if kept * width % round_to == 0]
+    return _rounded(n, c, n - 1, 0, width, round_to, c)
+
+
+def _rounded(n: int, target: int, most: int, fixed: int, width: int, round_to: int, fallback: int) -> int:
+    """The count ``c <= most`` of ``n`` units to prune nearest ``target`` (ties: fewer) with ``fixed + (n - c) *
+    width`` a multiple of ``round_to``; where no count fits, of the largest power-of-two fraction of ``round_to``
+    that one does (8 of 8 channels rather than 5 with ``round_to=16``); ``fallback`` where none does at all."""
+    while round_to > 1:
+        fits = [c for c in range(most + 1) if (fixed + (n - c) * width) % round_to == 0]
         if fits:
-            return min(fits, key=lambda f: (abs(f - c), f))
+            return min(fits, key=lambda c: (abs(c - target), c))
         round_to //= 2
-    return c
+    return fallback
 
 
 def _even_split(sizes: list[int], k: int) -> list[int]:
@@ -699,6 +701,13 @@ def _latency_ranked(model: nn.Module, example_inputs: Any, graph: DependencyGrap
     return candidates[best], notes, cost
 
 
+def _counted(model: nn.Module, example_inputs: Any, graph: DependencyGraph, registry: HandlerRegistry,
+             pruned: Mapping[int, torch.Tensor]) -> tuple[nn.Module, int]:
+    """The pruned copy for ``pruned`` (the model itself if nothing goes) and its MACs counted on the inputs."""
+    small = apply_plan_copy(_make_plan(model, graph, pruned, registry, []), model) if pruned else model
+    return small, count_macs(small, example_inputs, per_module=False).total
+
+
 def _cut_counted(model: nn.Module, example_inputs: Any, graph: DependencyGraph, registry: HandlerRegistry,
                  cost: CostModel, scores: Mapping[int, torch.Tensor], pruned: dict[int, torch.Tensor], target: float,
                  *, round_to: int, min_channels: int, max_sparsity: float, tries: int = 12,
@@ -710,8 +719,7 @@ def _cut_counted(model: nn.Module, example_inputs: Any, graph: DependencyGraph, 
     dense MACs on a small attention model). Shorter prefixes are counted on applied copies (bisection, ``tries``
     counts at most). Returns ``(pruned, counted MACs)``.
     """
-    small = apply_plan_copy(_make_plan(model, graph, pruned, registry, []), model)
-    counted = count_macs(small, example_inputs, per_module=False).total
+    _, counted = _counted(model, example_inputs, graph, registry, pruned)
     if counted >= cost.macs(pruned) or counted > target:
         return pruned, counted  # the prediction was exact, or even the count does not meet the budget
     _, steps = greedy(graph, cost, scores, which="macs", target=0.0, round_to=round_to, min_channels=min_channels,
@@ -723,8 +731,7 @@ def _cut_counted(model: nn.Module, example_inputs: Any, graph: DependencyGraph, 
             break
         mid = (lo + hi) // 2
         trial = masks_after(graph, steps, mid)
-        n = count_macs(apply_plan_copy(_make_plan(model, graph, trial, registry, []), model), example_inputs,
-                       per_module=False).total
+        _, n = _counted(model, example_inputs, graph, registry, trial)
         if n <= target:
             hi, best = mid, (trial, n)
         else:
@@ -755,8 +762,7 @@ def _refill_counted(model: nn.Module, example_inputs: Any, graph: DependencyGrap
         more = _refill(graph, cost, pruned, scores, "macs", target + raised, round_to)
         if sum(int(m.sum()) for m in more.values()) == sum(int(m.sum()) for m in pruned.values()):
             break  # nothing comes back at this raise: none at a smaller one either
-        trial = apply_plan_copy(_make_plan(model, graph, more, registry, []), model)
-        recounted = count_macs(trial, example_inputs, per_module=False).total
+        trial, recounted = _counted(model, example_inputs, graph, registry, more)
         if recounted <= target:
             if recounted > best[2]:
                 best = (more, trial, recounted)
@@ -930,9 +936,7 @@ def _uniform_search(model: nn.Module, example_inputs: Any, graph: DependencyGrap
             if not counting:
                 return float(cost.params(masks(s)) if which == "params" else cost.macs(masks(s)))
             if s not in counted:
-                chosen = masks(s)
-                small = apply_plan_copy(_make_plan(model, graph, chosen, registry, []), model) if chosen else model
-                counted[s] = float(count_macs(small, example_inputs, per_module=False).total)
+                counted[s] = float(_counted(model, example_inputs, graph, registry, masks(s))[1])
             return counted[s]
 
         what, unit, scale, steps = which, "", 1.0, 12 if counting else 20
