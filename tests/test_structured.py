@@ -19,6 +19,7 @@ from prunekit.structured import (
     Handler,
     Plan,
     PlanApplyError,
+    StructuredPruner,
     UnsupportedOpError,
     load,
     plan,
@@ -200,6 +201,59 @@ def test_channel_shuffle_prunes_the_same_index_in_every_group():
     inner = [k for k in keep if k < 4]
     assert keep == inner + [4 + k for k in inner]  # symmetric: channel j and 4 + j go together
     _soft_equals_physical(model, x, p)
+
+
+class SplitBySize(nn.Module):
+    """A CSP / YOLO C2f style block: ``torch.split`` by a piece size its code keeps in an attribute (or a literal)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.c = how, 4
+        self.cv1 = nn.Conv2d(3, 8, 1)
+        self.m = nn.Conv2d(4, 4, 3, padding=1)
+        self.cv2 = nn.Conv2d(12, 2, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.cv1(x))
+        if self.how == "attribute":
+            a, b = y.split(self.c, 1)
+        elif self.how == "sizes":
+            a, b = torch.split(y, [self.c, self.c], dim=1)
+        else:
+            a, b = y.split(4, 1)  # a literal: no attribute to update
+        return self.cv2(torch.cat([a, b, torch.relu(self.m(b))], 1))
+
+
+@pytest.mark.parametrize("how", ["attribute", "sizes"])
+def test_split_by_a_size_attribute_prunes_and_updates_it(how):
+    torch.manual_seed(0)
+    model, x = SplitBySize(how), torch.randn(1, 3, 6, 6)
+    graph = trace(model, x)
+    assert [(s.module, s.attributes) for s in graph.state.size_splits] == [("", {"c": 1})]
+    p = plan(model, x, 0.5, graph=graph)
+    keep = _keep(p, "cv1.weight", 0)
+    inner = [k for k in keep if k < 4]
+    assert len(inner) == 2 and keep == inner + [4 + k for k in inner]  # both pieces pruned alike
+    assert {"c": 2} in [u.set for u in p.modules if u.name == ""]
+    small = _soft_equals_physical(model, x, p)
+    assert small.c == 2 and not p.notes
+    fresh = SplitBySize(how)  # the plan is data: replayed on a fresh instance, the attribute is set again
+    fresh.load_state_dict(model.state_dict())
+    assert p.apply(fresh).c == 2
+
+
+def test_split_by_a_literal_size_keeps_those_channels_and_says_so():
+    torch.manual_seed(0)
+    model, x = SplitBySize("literal"), torch.randn(1, 3, 6, 6)
+    p = plan(model, x, 0.5)
+    assert "cv1.weight" not in {s.name for s in p.slices} and len(_keep(p, "m.weight", 0)) == 2
+    assert len(p.notes) == 1 and "keeping the channels of torch.split by size (<model>: split by 4" in p.notes[0]
+    _soft_equals_physical(model, x, p)
+    pruner = StructuredPruner(model, x, 0.5)  # gradual pruning finds out when it starts, not at finalize
+    assert pruner.notes == p.notes
+    pruner.step()
+    with torch.no_grad():
+        assert pruner.finalize()(x).shape == (1, 2, 6, 6)
 
 
 class FreeScale(nn.Module):
@@ -565,7 +619,7 @@ class HeadsByAttribute(nn.Module):
 
     def forward(self, x):
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).split(self.qkv.out_features // 3, dim=-1)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
         q, k, v = (z.view(b, t, self.num_heads, -1).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v)
         return self.out(y.transpose(1, 2).reshape(b, t, -1))

@@ -60,6 +60,7 @@ from prunekit.structured.planning import (
     _choose,
     _finish,
     _registry,
+    _size_split_fallback,
 )
 from prunekit.targets import check_sparsity
 
@@ -165,6 +166,10 @@ class StructuredPruner:
         self.round_to, self.min_channels, self.max_sparsity = round_to, min_channels, max_sparsity
         self.registry = _registry(handlers)
         self.graph = trace(self.model, example_inputs, ignore=ignore, leaves=leaves, handlers=self.registry)
+        self.notes: list[str] = []
+        if self.graph.state.size_splits:  # torch.split(x, size): check now that pruned sizes work, not at finalize
+            probe, self.graph = _size_split_fallback(self.model, example_inputs, self.graph, self._half)
+            self.notes = probe.notes
         if not self.graph.groups:
             raise ValueError(f"{type(self.model).__name__} has no prunable channel groups (all are frozen by its "
                              "inputs/outputs or by ignore/leaves)")
@@ -185,6 +190,11 @@ class StructuredPruner:
         self.step_count = 0
         self.history: list[dict[str, Any]] = []
         self.finalized = False
+
+    def _half(self, graph: DependencyGraph) -> Plan:
+        """A verified plan removing every other unit of every group (a probe that the pruned model runs)."""
+        half = {g.index: torch.arange(g.num_units) % 2 == 1 for g in graph.groups}
+        return _finish(self.model, self.example_inputs, graph, self.registry, half, [], None, verify=True)
 
     @staticmethod
     def _checked(data: Any) -> Any:
@@ -282,7 +292,7 @@ class StructuredPruner:
             pruned[g] = mask | pruned[g] if g in pruned else mask.clone()
         self.pruned = {g: m.clone() for g, m in pruned.items()}
         self.plan = _finish(self.model, self.example_inputs, self.graph, self.registry, pruned,
-                            notes + score.notes, self.criterion_name, verify=False, cost=cost)
+                            self.notes + notes + score.notes, self.criterion_name, verify=False, cost=cost)
         self._set_masks(self.plan)
         self.history.append({"step": _step, "target": target, "pruned": self.plan.pruned_units[0],
                              "macs": self.plan.macs[1] if self.plan.macs else None,

@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_flatten
 
 from prunekit.flops import count_macs, count_params
 from prunekit.masks import Mask
-from prunekit.structured.applying import apply_plan, structural_copy
+from prunekit.structured.applying import PlanApplyError, apply_plan, structural_copy
 from prunekit.structured.budget import Chunk, CostModel, LatencyCostModel, greedy, masks_after, unit_segments
 from prunekit.structured.criteria import GroupCriterion, get_criterion, normalize
 from prunekit.structured.dependency import DependencyGraph, Group, _registry, trace
@@ -480,12 +480,42 @@ def plan(
     registry = graph.handlers if graph is not None and handlers is None else _registry(handlers)
     if graph is None:
         graph = trace(model, example_inputs, ignore=ignore, leaves=leaves, handlers=registry)
-    pruned, notes, cost = _choose(model, example_inputs, graph, registry, score, sparsity, macs=macs, params=params,
-                                  latency=target_latency, round_to=round_to, min_channels=min_channels,
-                                  max_sparsity=max_sparsity, allocation=allocation)
     name = criterion if isinstance(criterion, str) else getattr(score, "name", None)
-    return _finish(model, example_inputs, graph, registry, pruned, notes + list(getattr(score, "notes", [])), name,
-                   verify=verify, cost=cost)
+
+    def make(graph: DependencyGraph) -> Plan:
+        pruned, notes, cost = _choose(model, example_inputs, graph, registry, score, sparsity, macs=macs,
+                                      params=params, latency=target_latency, round_to=round_to,
+                                      min_channels=min_channels, max_sparsity=max_sparsity, allocation=allocation)
+        return _finish(model, example_inputs, graph, registry, pruned, notes + list(getattr(score, "notes", [])),
+                       name, verify=verify, cost=cost)
+
+    return _size_split_fallback(model, example_inputs, graph, make, verify=verify)[0]
+
+
+def _size_split_fallback(model: nn.Module, example_inputs: Any, graph: DependencyGraph,
+                         make: Callable[[DependencyGraph], Plan], *, verify: bool = True,
+                         ) -> tuple[Plan, DependencyGraph]:
+    """``make(graph)``; if the pruned model breaks and the trace saw ``torch.split(x, size)``, ``make`` on the graphs
+    that keep those channels (:meth:`DependencyGraph.freezing_size_splits`), with a note saying which were kept.
+    Returns the plan and the graph it was made on."""
+    try:
+        return make(graph), graph
+    except PlanApplyError as error:
+        failure = str(error).split(". ")[0]
+        for fallback in graph.freezing_size_splits(model, example_inputs) if verify else []:
+            try:
+                result = make(fallback)
+                break
+            except PlanApplyError:
+                continue
+        else:
+            raise
+    kept = {f"{s.module or '<model>'}: {s.call}" for s in graph.state.size_splits} - {
+        f"{s.module or '<model>'}: {s.call}" for s in fallback.state.size_splits}
+    result.notes.append(f"the pruned model broke ({failure}); keeping the channels of torch.split by size "
+                        f"({'; '.join(sorted(kept))}) mended it. To prune them too, register a handler for the module "
+                        "whose attributes() returns the sizes its code reads (prunekit.structured.register_handler)")
+    return result, fallback
 
 
 def _check_targets(sparsity: Any, macs: Any, params: Any, latency: Any, round_to: Any, min_channels: Any,
@@ -994,18 +1024,19 @@ def _make_plan(model: nn.Module, graph: DependencyGraph, pruned: Mapping[int, to
     calls = graph.state.calls
     updates = []
     if slices:
+        split_sizes = _split_attributes(graph, pruned_atom)
         for name, module in model.named_modules():
             handler = registry.find(module)
-            if handler is None:
+            if handler is None and name not in split_sizes:
                 continue
             call = calls.get(name)
             inputs = [(shape, graph.shape_after(shape, fields, pruned_atom)) for shape, fields in call.inputs] if call \
                 else []
             sizes = ModuleSizes(name, old, new, kept, aliases, inputs)
-            if not sizes.changed() and not any(a != b for a, b in inputs):
+            if not sizes.changed() and not any(a != b for a, b in inputs) and name not in split_sizes:
                 continue
-            replace = handler.replacement(module, sizes)
-            attrs = handler.attributes(module, sizes)
+            replace = handler.replacement(module, sizes) if handler else None
+            attrs = {**split_sizes.get(name, {}), **(handler.attributes(module, sizes) if handler else {})}
             attrs = {k: v for k, v in attrs.items() if _differs(getattr(module, k, None), v)}
             if attrs or replace:
                 updates.append(ModuleUpdate(name, type(module).__name__, _jsonable(attrs), replace))
@@ -1015,6 +1046,22 @@ def _make_plan(model: nn.Module, graph: DependencyGraph, pruned: Mapping[int, to
         result.expected_ops = [(op.op, op.module, [graph.shape_after(s, f, pruned_atom) for s, f in
                                                    zip(op.shapes, op.fields)]) for op in graph.state.ops]
     return result
+
+
+def _split_attributes(graph: DependencyGraph, pruned_atom: torch.Tensor) -> dict[str, dict[str, int]]:
+    """New values of the module attributes that hold the piece size of a ``torch.split(x, size)`` (see
+    :class:`~prunekit.structured.tracer.SizeSplit`): the kept size of a piece times the attribute's multiple."""
+    out: dict[str, dict[str, int]] = {}
+    for split in graph.state.size_splits:
+        if not split.attributes:
+            continue
+        piece = split.grid[0]
+        kept = int(((piece < 0) | ~pruned_atom[piece.clamp(min=0)]).sum())
+        if kept == piece.numel():
+            continue
+        for attr, multiple in split.attributes.items():
+            out.setdefault(split.module, {})[attr] = multiple * kept
+    return out
 
 
 def _differs(current: Any, value: Any) -> bool:

@@ -8,7 +8,10 @@ state and sets the fields of the outputs. Families:
   Linear, channel shuffle, head splits) are exact.
 * **selection** (``select``, ``slice``, ``split``, ``index``, ``embedding``, ``roll``, ``pad``): a constant index
   into a labelled dimension freezes it (its meaning would shift after pruning), except that equal splits
-  (``chunk``) and selections along a split dimension couple the pieces so that every piece is pruned alike.
+  (``chunk``) and selections along a split dimension couple the pieces so that every piece is pruned alike. A
+  ``torch.split(x, size)`` (told from ``chunk`` at the Python level) reads its piece size from the code: the integer
+  attributes of the running module that hold it are recorded for the plan to update (CSP, Res2Net, YOLO C2f), and
+  if the pruned model still breaks, :func:`~prunekit.structured.plan` keeps those channels instead.
 * **elementwise** ops with broadcasting couple the positions that meet (residual additions, SE scales, norms).
 * **contractions** (``mm``, ``bmm``, convolution, scaled-dot-product attention) couple the contracted dimensions;
   grouped convolutions prune whole groups; attention keeps whole heads (or, if a handler asks, the same head
@@ -381,6 +384,9 @@ def split(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> Non
                 st.freeze(f.atoms)  # unequal pieces: sizes are constants of the code
                 continue
             grid = f.atoms.reshape(len(pieces), sizes[0])
+            if st.split_call is not None and st.split_call[0] == "size" and not _size_split(st, grid):
+                st.freeze(f.atoms)
+                continue
             st.restrict(Field((0, 1), grid), [1], note=f"uniform split ({st.where()} {func.overloadpacket.__name__})")
             for k in range(len(pieces)):
                 new[k].append(Field(f.dims, grid[k]))
@@ -394,6 +400,22 @@ def split(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> Non
             new[k].append(g)
     for p, fields in zip(pieces, new):
         st.set_fields(p, fields)
+
+
+def _size_split(st: TraceState, grid: torch.Tensor) -> bool:
+    """Record a ``torch.split(x, size)`` of a labelled dimension into equal pieces, with the integer attributes of
+    the running module that hold the piece size (or the whole width) for the plan to update. False if its channels
+    must be kept instead (``st.freeze_size_splits``: ``"all"``, or ``"unmatched"`` where no attribute holds it)."""
+    from prunekit.structured.tracer import SizeSplit
+
+    pieces, size = grid.shape
+    name, module = st.stack[-1]
+    attrs = {k: v // size for k, v in vars(module).items()
+             if type(v) is int and v in (size, size * pieces) and not k.startswith("__")}
+    if st.freeze_size_splits == "all" or (st.freeze_size_splits == "unmatched" and not attrs):
+        return False
+    st.size_splits.append(SizeSplit(name, f"split by {st.split_call[1]!r} into {pieces} pieces", grid, attrs))
+    return True
 
 
 @_register(aten.index_select, aten.gather, aten.index, aten._unsafe_index)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules import module as module_hooks
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
@@ -33,7 +34,7 @@ from prunekit.flops import _split_inputs, count_macs
 from prunekit.structured.labels import Field, LabelState
 from prunekit.structured.rules import lookup
 
-__all__ = ["ModuleCall", "OpRecord", "TraceState", "UnsupportedOpError", "resolve_modules", "run_trace"]
+__all__ = ["ModuleCall", "OpRecord", "SizeSplit", "TraceState", "UnsupportedOpError", "resolve_modules", "run_trace"]
 
 
 class UnsupportedOpError(RuntimeError):
@@ -56,6 +57,20 @@ class ModuleCall:
 
     inputs: list[tuple[tuple[int, ...], list[Field]]] = field(default_factory=list)
     outputs: list[tuple[tuple[int, ...], list[Field]]] = field(default_factory=list)
+
+
+@dataclass
+class SizeSplit:
+    """A ``torch.split(x, size)`` whose piece size is a constant of the module's code (pieces pruned alike).
+
+    After pruning, the module must split by the new piece size: ``attributes`` are the module's integer attributes
+    that hold the size (``{name: multiple}``, value = multiple x piece size), which the plan updates.
+    """
+
+    module: str
+    call: str
+    grid: torch.Tensor  # (pieces, size) atoms
+    attributes: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -101,10 +116,15 @@ class TraceState(LabelState):
     :meth:`union` and :meth:`freeze` are what they need.
     """
 
-    def __init__(self, model: nn.Module, *, handlers: Any, leaves: set[int], ignored: set[int]) -> None:
+    def __init__(self, model: nn.Module, *, handlers: Any, leaves: set[int], ignored: set[int],
+                 freeze_size_splits: str | None = None) -> None:
         super().__init__()
         self.model = model
         self.handlers = handlers
+        self.ignored = ignored
+        #: Keep the channels of ``torch.split(x, size)``: ``"unmatched"`` (where no attribute of the module holds the
+        #: size) or ``"all"`` (the fallbacks when a pruned split size breaks the model), None (prune them).
+        self.freeze_size_splits = freeze_size_splits
         self.names: dict[int, str] = {}
         self.buffer_names: set[str] = set()
         for name, p in model.named_parameters():
@@ -132,6 +152,10 @@ class TraceState(LabelState):
         self.output: Any = None
         self.macs = 0  # MACs of the traced forward pass (prunekit.flops.count_macs)
         self.macs_by_param: dict[str, int] = {}  # MACs per weight of that pass (count_macs's by_param)
+        #: The Python-level split running now: ``("size", sizes)`` for ``torch.split(x, size)`` (a constant of the
+        #: code), ``("count", n)`` for ``chunk``; ATen sees both as ``split``.
+        self.split_call: tuple[str, Any] | None = None
+        self.size_splits: list[SizeSplit] = []
 
     # --- labels ------------------------------------------------------------------------------------------------
     def fields(self, t: torch.Tensor) -> list[Field]:
@@ -265,6 +289,38 @@ class TraceState(LabelState):
         self.stack.pop()
 
 
+_SIZE_SPLITS = {torch.split, torch.Tensor.split, torch.functional.split}
+_COUNT_SPLITS = {torch.chunk, torch.Tensor.chunk}
+_SECTIONS = {torch.tensor_split, torch.Tensor.tensor_split}
+
+
+class _PythonSplits(TorchFunctionMode):
+    """Tells ``torch.split(x, size)`` (piece size from the code) from ``torch.chunk(x, n)`` (piece count)."""
+
+    def __init__(self, state: TraceState) -> None:
+        super().__init__()
+        self.state = state
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        call = None
+        if func in _SIZE_SPLITS or func in _SECTIONS:
+            arg = args[1] if len(args) > 1 else next(iter(v for k, v in kwargs.items() if k != "dim"), None)
+            if func in _SECTIONS:
+                call = ("count", arg) if isinstance(arg, int) else ("size", arg)
+            else:
+                call = ("size", arg)
+        elif func in _COUNT_SPLITS:
+            call = ("count", args[1] if len(args) > 1 else kwargs.get("chunks"))
+        if call is None:
+            return func(*args, **kwargs)
+        outer, self.state.split_call = self.state.split_call, call
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self.state.split_call = outer
+
+
 class _Mode(TorchDispatchMode):
     def __init__(self, state: TraceState) -> None:
         super().__init__()
@@ -284,6 +340,7 @@ def run_trace(
     handlers: Any,
     leaves: set[int] = frozenset(),  # type: ignore[assignment]
     ignored: set[int] = frozenset(),  # type: ignore[assignment]
+    freeze_size_splits: str | None = None,
 ) -> TraceState:
     """Run ``model`` once on ``example_inputs`` (eval mode, no grad) and label every tensor it computes.
 
@@ -291,11 +348,13 @@ def run_trace(
     channels cannot shrink). The model's train/eval modes are restored.
     """
     _split_inputs(example_inputs)  # validates the type
-    state = TraceState(model, handlers=handlers, leaves=set(leaves), ignored=set(ignored))
+    state = TraceState(model, handlers=handlers, leaves=set(leaves), ignored=set(ignored),
+                       freeze_size_splits=freeze_size_splits)
     pre = module_hooks.register_module_forward_pre_hook(state.pre_hook)
     post = module_hooks.register_module_forward_hook(state.post_hook, with_kwargs=True)
     try:
-        with _Mode(state):  # the MAC counter runs the model once (eval, no grad); the trace follows the same run
+        # the MAC counter runs the model once (eval, no grad); the trace follows the same run
+        with _PythonSplits(state), _Mode(state):
             counted = count_macs(model, example_inputs)
             state.macs, state.macs_by_param = counted.total, counted.by_param
     finally:
