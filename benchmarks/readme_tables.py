@@ -879,6 +879,35 @@ def render_minilm_structured(doc: dict[str, Any]) -> tuple[str, list[str]]:
     return "MiniLM: heads and FFN units to half the encoder MACs", lines
 
 
+@renders("timm_coverage.json")
+def render_timm_coverage(doc: dict[str, Any]) -> tuple[str, list[str]]:
+    runs = {k: r for k, r in as_dict(doc.get("runs")).items() if isinstance(r, dict)}
+    tools = {"ours": "prunekit", "tp": "Torch-Pruning 1.6.1"}
+    ok: dict[str, list[str]] = {t: [] for t in tools}
+    fails: dict[str, list[str]] = {t: [] for t in tools}
+    two_x: dict[str, int] = {t: 0 for t in tools}
+    for name, r in runs.items():
+        for t in tools:
+            rec = as_dict(r.get(t))
+            if rec.get("status") == "ok":
+                ok[t].append(name)
+                red = ratio_of(r.get("dense_macs"), rec.get("macs"))
+                two_x[t] += bool(red is not None and red >= 2)
+            else:
+                fails[t].append(f"{name} ({str(rec.get('error', '?')).split(':')[0]})")
+    kept = sum(bool(as_dict(r.get("ours")).get("notes")) for r in runs.values())
+    rows = [["pruned, runs, output shape kept", *(f"{len(ok[t])} / {len(runs)}" for t in tools)],
+            [">= 2x fewer MACs", *(str(two_x[t]) for t in tools)],
+            ["fails on", *(", ".join(fails[t]) or "none" for t in tools)]]
+    lines = [f"{len(runs)} timm architectures (random weights, 10 classes), half of the channels removed by each tool "
+             "with its default importance (L2), each in a process of its own. prunekit's checks also include 0% "
+             "pruning output-identical and soft == physical pruning where that holds; "
+             f"{kept} of its plans kept some modules whole to make the pruned model run (said in `plan.notes`). "
+             "Per model: `benchmarks/results/timm_coverage.md`.", ""]
+    lines += md_table(["", *tools.values()], rows)
+    return "Coverage beyond torchvision: timm architectures", lines
+
+
 @renders("lottery_*.json")
 def render_generic_summary(doc: dict[str, Any]) -> tuple[str, list[str]]:
     """Files without a dedicated renderer yet: the scalar fields of the ``summary`` rows, as stored."""

@@ -609,28 +609,98 @@ def test_a_module_with_a_size_attribute_needs_a_handler():
 
 
 class HeadsByAttribute(nn.Module):
-    """Reshapes into heads with an attribute: after head pruning the shapes still fit, but the heads are scrambled."""
+    """Reshapes into heads with an attribute (or, ``literal``, a constant of the code): after head pruning the
+    shapes still fit, but unless the head count follows, the heads are scrambled."""
 
-    def __init__(self) -> None:
+    def __init__(self, literal: bool = False) -> None:
         super().__init__()
-        self.num_heads = 4
+        self.num_heads, self.literal = 4, literal
         self.qkv = nn.Linear(8, 3 * 16)
         self.out = nn.Linear(16, 8)
 
     def forward(self, x):
         b, t, _ = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q, k, v = (z.view(b, t, self.num_heads, -1).transpose(1, 2) for z in (q, k, v))
+        heads = 4 if self.literal else self.num_heads
+        q, k, v = (z.view(b, t, heads, -1).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v)
         return self.out(y.transpose(1, 2).reshape(b, t, -1))
 
 
-def test_silently_wrong_shapes_are_caught():
+def test_a_head_count_attribute_follows_the_pruned_heads():
+    torch.manual_seed(0)
     model, x = HeadsByAttribute(), torch.randn(1, 5, 8)
+    p = plan(model, x, 0.5)
+    assert {"num_heads": 2} in [u.set for u in p.modules if u.name == ""] and not p.notes
+    assert _soft_equals_physical(model, x, p).num_heads == 2
+
+
+def test_silently_wrong_shapes_are_caught():
+    model, x = HeadsByAttribute(literal=True), torch.randn(1, 5, 8)
     graph = trace(model, x)
     assert any(any(r.startswith("heads") for r in g.rules) for g in graph.groups)
-    with pytest.raises(PlanApplyError, match="silently mixed up"):
+    with pytest.raises(PlanApplyError, match="silently mixed up") as caught:
         plan(model, x, 0.5, graph=graph)
+    assert caught.value.module == ""  # the model's own forward: nothing to keep whole instead, so it is an error
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.blocks = nn.Sequential(HeadsByAttribute(literal=True), nn.GELU(), HeadsByAttribute(literal=True))
+        self.mlp = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+
+    def forward(self, x):
+        return self.mlp(self.blocks(self.embed(x)))
+
+
+def test_a_module_class_whose_code_breaks_is_kept_whole_and_the_plan_says_so():
+    torch.manual_seed(0)
+    model, x = TwoBlocks(), torch.randn(1, 5, 4)
+    p = plan(model, x, 0.5)
+    pruned = {s.name for s in p.slices}
+    assert not any(n.startswith("blocks.") for n in pruned) and "mlp.0.weight" in pruned  # heads kept, MLP pruned
+    assert len(p.notes) == 1 and "HeadsByAttribute whole mended it" in p.notes[0]
+    _soft_equals_physical(model, x, p)
+
+
+def test_the_class_kept_whole_is_the_nearest_one_whose_code_is_not_torchs():
+    from prunekit.structured.planning import _culprit
+
+    model = nn.Sequential(TwoBlocks(), nn.ReLU())
+    assert _culprit(model, "0.blocks.0.qkv") is HeadsByAttribute  # a Linear fails: the block feeding it is to blame
+    assert _culprit(model, "0.blocks") is TwoBlocks  # nn.Sequential is torch's
+    assert _culprit(model, "1") is None and _culprit(model, "") is None and _culprit(model, "nope") is None
+
+
+def test_group_norm_with_one_group_keeps_one_group():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(1, 8), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    x = torch.randn(1, 3, 5, 5)
+    small = plan(model, x, 0.5).apply(copy.deepcopy(model))
+    assert (small[1].num_groups, small[1].num_channels) == (1, 4) and small(x).shape == (1, 2, 5, 5)
+
+
+class WidthBranch(nn.Module):
+    """Shape-dependent control flow: the pruned model runs other operations than the traced one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        if y.shape[1] > 4:
+            y = torch.relu(y)
+        return self.b(y)
+
+
+def test_shape_dependent_control_flow_is_checked_by_output_shapes_only():
+    model, x = WidthBranch(), torch.randn(1, 3, 4, 4)
+    with pytest.warns(UserWarning, match="another sequence of operations"):
+        p = plan(model, x, 0.5)
+    assert p.verified and p.macs[1] < p.macs[0]
 
 
 def test_bad_arguments_are_rejected():

@@ -33,7 +33,15 @@ _MISSING = object()
 
 
 class PlanApplyError(RuntimeError):
-    """A plan does not fit the model, or the pruned model fails its check run (the model is left unchanged)."""
+    """A plan does not fit the model, or the pruned model fails its check run (the model is left unchanged).
+
+    Attributes:
+        module: Name of the module the pruned model failed in ("" for the model's own forward), None if unknown.
+    """
+
+    def __init__(self, message: str, module: str | None = None) -> None:
+        super().__init__(message)
+        self.module = module
 
 
 def _tensor_owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
@@ -268,7 +276,7 @@ def _verify(plan: Plan, model: nn.Module, example_inputs: Any,
             f"the pruned model fails in {where}: {type(exc).__name__}: {exc}. The module probably keeps a size in an "
             "attribute or constant that the plan does not update: register a handler for it "
             "(prunekit.structured.register_handler) that returns the new attribute values, or keep it whole with "
-            "leaves=[...]/ignore=[...]. The model was left unchanged."
+            "leaves=[...]/ignore=[...]. The model was left unchanged.", module=name
         ) from exc
     finally:
         h1.remove()
@@ -288,7 +296,7 @@ def _verify(plan: Plan, model: nn.Module, example_inputs: Any,
         warnings.warn("prunekit.structured: the pruned model ran another sequence of operations than the traced one "
                       "(shape-dependent control flow), so its per-operation shapes were not compared; it runs and its "
                       "outputs have the right shapes", stacklevel=3)
-        return
+        return macs
     for (op, module, shapes), (_, _, actual) in zip(want, seen):
         if [tuple(s) for s in shapes] != actual:
             where = f"module {module!r} ({type(model.get_submodule(module)).__name__})" if module else "the model"
@@ -296,6 +304,7 @@ def _verify(plan: Plan, model: nn.Module, example_inputs: Any,
                 f"in the pruned model, {op} in {where} produces shapes {actual} where the plan expects {shapes}: the "
                 "module computes a size from an attribute or constant that the plan does not update, so its channels "
                 "would be silently mixed up. Register a handler for it (prunekit.structured.register_handler) that "
-                "returns the new attribute values, or keep it whole with leaves=[...]. The model was left unchanged."
+                "returns the new attribute values, or keep it whole with leaves=[...]. The model was left unchanged.",
+                module=module,
             )
     return macs

@@ -141,20 +141,17 @@ class DependencyGraph:
                          + ", ".join(names[:6]) + (" ..." if len(names) > 6 else ""))
         return "\n".join(lines)
 
-    def freezing_size_splits(self, model: nn.Module, example_inputs: Any) -> list[DependencyGraph]:
-        """Graphs traced again with the channels of ``torch.split(x, size)`` kept: first those whose size no
-        attribute of the module holds (if some are recognised), then all of them. Empty if there is no such split.
-
-        The fallbacks of :func:`~prunekit.structured.plan` when a pruned model breaks on a split size that is a
-        constant of the code (or an attribute the plan did not recognise).
-        """
-        splits = self.state.size_splits
-        if not splits:
-            return []
-        modes = (["unmatched"] if any(s.attributes for s in splits) and not all(s.attributes for s in splits)
-                 else []) + ["all"]
-        return [_build(model, run_trace(model, example_inputs, handlers=self.handlers, leaves=self.state.leaves,
-                                        ignored=self.state.ignored, freeze_size_splits=mode)) for mode in modes]
+    def retrace(self, model: nn.Module, example_inputs: Any, *, ignore: Iterable[type] = (),
+                freeze_size_splits: str | None = None) -> DependencyGraph:
+        """This graph traced again with the same handlers, leaves and ignored modules, plus every module of the
+        ``ignore`` types kept whole and the channels of ``torch.split(x, size)`` kept as ``freeze_size_splits``
+        says (``"unmatched"``: where no module attribute holds the size; ``"all"``). For the fallbacks of
+        :func:`~prunekit.structured.plan` when a pruned model breaks."""
+        types = tuple(ignore)
+        ignored = set(self.state.ignored) | {id(m) for m in model.modules() if types and isinstance(m, types)}
+        state = run_trace(model, example_inputs, handlers=self.handlers, leaves=self.state.leaves, ignored=ignored,
+                          freeze_size_splits=freeze_size_splits)
+        return _build(model, state)
 
     def pruned_atoms(self, pruned: Mapping[int, torch.Tensor]) -> torch.Tensor:
         """Bool per atom: True if its unit is pruned. ``pruned`` maps group index -> bool per unit."""

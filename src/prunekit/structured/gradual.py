@@ -60,7 +60,7 @@ from prunekit.structured.planning import (
     _choose,
     _finish,
     _registry,
-    _size_split_fallback,
+    _with_fallbacks,
 )
 from prunekit.targets import check_sparsity
 
@@ -166,13 +166,12 @@ class StructuredPruner:
         self.round_to, self.min_channels, self.max_sparsity = round_to, min_channels, max_sparsity
         self.registry = _registry(handlers)
         self.graph = trace(self.model, example_inputs, ignore=ignore, leaves=leaves, handlers=self.registry)
-        self.notes: list[str] = []
-        if self.graph.state.size_splits:  # torch.split(x, size): check now that pruned sizes work, not at finalize
-            probe, self.graph = _size_split_fallback(self.model, example_inputs, self.graph, self._half)
-            self.notes = probe.notes
         if not self.graph.groups:
             raise ValueError(f"{type(self.model).__name__} has no prunable channel groups (all are frozen by its "
                              "inputs/outputs or by ignore/leaves)")
+        # check now that the pruned model runs, not at finalize after training (and fall back as plan() does)
+        probe, self.graph = _with_fallbacks(self.model, example_inputs, self.graph, self._half)
+        self.notes: list[str] = probe.notes
         if data is not None and iter(data) is data:  # a one-shot iterator: keep the batches for every update
             data = list(data)
         self.data = data

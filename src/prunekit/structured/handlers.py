@@ -202,7 +202,9 @@ class GroupNormHandler(Handler):
             if not shape:
                 return {}
             channels = shape[1]
-        return {"num_channels": channels, "num_groups": module.num_groups * channels // module.num_channels}
+        # channels go in whole groups, except with one group (any channel can go, one group remains)
+        groups = 1 if module.num_groups == 1 else module.num_groups * channels // module.num_channels
+        return {"num_channels": channels, "num_groups": groups}
 
 
 class EmbeddingHandler(Handler):

@@ -489,33 +489,78 @@ def plan(
         return _finish(model, example_inputs, graph, registry, pruned, notes + list(getattr(score, "notes", [])),
                        name, verify=verify, cost=cost)
 
-    return _size_split_fallback(model, example_inputs, graph, make, verify=verify)[0]
+    return _with_fallbacks(model, example_inputs, graph, make, verify=verify)[0]
 
 
-def _size_split_fallback(model: nn.Module, example_inputs: Any, graph: DependencyGraph,
-                         make: Callable[[DependencyGraph], Plan], *, verify: bool = True,
-                         ) -> tuple[Plan, DependencyGraph]:
-    """``make(graph)``; if the pruned model breaks and the trace saw ``torch.split(x, size)``, ``make`` on the graphs
-    that keep those channels (:meth:`DependencyGraph.freezing_size_splits`), with a note saying which were kept.
-    Returns the plan and the graph it was made on."""
+def _with_fallbacks(model: nn.Module, example_inputs: Any, graph: DependencyGraph,
+                    make: Callable[[DependencyGraph], Plan], *, verify: bool = True,
+                    ) -> tuple[Plan, DependencyGraph]:
+    """``make(graph)``; if the pruned model breaks in its check run, ``make`` on graphs that keep more channels:
+
+    1. those of ``torch.split(x, size)`` whose size no module attribute holds, then of all such splits (the size is
+       a constant of the code);
+    2. every module of the class whose code broke (the nearest enclosing module not from ``torch``: an attention
+       block that reshapes its output to its input width, say), up to three classes.
+
+    The plan that works gets a note saying what was kept and why. Returns it and the graph it was made on.
+
+    Raises:
+        PlanApplyError: The first failure, if no fallback works (or ``verify`` is False).
+    """
     try:
         return make(graph), graph
     except PlanApplyError as error:
-        failure = str(error).split(". ")[0]
-        for fallback in graph.freezing_size_splits(model, example_inputs) if verify else []:
-            try:
-                result = make(fallback)
-                break
-            except PlanApplyError:
-                continue
-        else:
-            raise
-    kept = {f"{s.module or '<model>'}: {s.call}" for s in graph.state.size_splits} - {
-        f"{s.module or '<model>'}: {s.call}" for s in fallback.state.size_splits}
-    result.notes.append(f"the pruned model broke ({failure}); keeping the channels of torch.split by size "
-                        f"({'; '.join(sorted(kept))}) mended it. To prune them too, register a handler for the module "
-                        "whose attributes() returns the sizes its code reads (prunekit.structured.register_handler)")
-    return result, fallback
+        first = error
+    if not verify:
+        raise first
+    failure = str(first).split(". ")[0]
+    fix = ("register a handler for the module whose attributes() returns the sizes its code reads "
+           "(prunekit.structured.register_handler)")
+    splits = graph.state.size_splits
+    modes = (["unmatched"] if any(s.attributes for s in splits) and not all(s.attributes for s in splits) else [])
+    for mode in modes + (["all"] if splits else []):
+        fallback = graph.retrace(model, example_inputs, freeze_size_splits=mode)
+        try:
+            result = make(fallback)
+        except PlanApplyError:
+            continue
+        kept = sorted({f"{s.module or '<model>'}: {s.call}" for s in splits}
+                      - {f"{s.module or '<model>'}: {s.call}" for s in fallback.state.size_splits})
+        result.notes.append(f"the pruned model broke ({failure}); keeping the channels of torch.split by size "
+                            f"({'; '.join(kept)}) mended it. To prune them too, {fix}")
+        return result, fallback
+    last, ignored = first, []
+    for _ in range(3):
+        culprit = _culprit(model, last.module)
+        if culprit is None or culprit in ignored:
+            break
+        ignored.append(culprit)
+        fallback = graph.retrace(model, example_inputs, ignore=ignored)
+        try:
+            result = make(fallback)
+        except PlanApplyError as error:
+            last = error
+            continue
+        names = ", ".join(f"{t.__module__}.{t.__qualname__}" for t in ignored)
+        result.notes.append(f"the pruned model broke ({failure}); keeping every {names} whole mended it. To prune "
+                            f"them too, {fix}")
+        return result, fallback
+    raise first
+
+
+def _culprit(model: nn.Module, name: str | None) -> type | None:
+    """The class of the nearest module enclosing ``name`` (itself included) whose code is not torch's: where a size
+    the plan does not update is read. None for the model itself or an unknown module."""
+    parts = name.split(".") if name else []
+    while parts:
+        try:
+            module = model.get_submodule(".".join(parts))
+        except AttributeError:
+            return None
+        if not type(module).__module__.startswith("torch."):
+            return type(module)
+        parts.pop()
+    return None
 
 
 def _check_targets(sparsity: Any, macs: Any, params: Any, latency: Any, round_to: Any, min_channels: Any,
@@ -1024,7 +1069,7 @@ def _make_plan(model: nn.Module, graph: DependencyGraph, pruned: Mapping[int, to
     calls = graph.state.calls
     updates = []
     if slices:
-        split_sizes = _split_attributes(graph, pruned_atom)
+        split_sizes = _size_attributes(graph, pruned_atom)
         for name, module in model.named_modules():
             handler = registry.find(module)
             if handler is None and name not in split_sizes:
@@ -1048,19 +1093,33 @@ def _make_plan(model: nn.Module, graph: DependencyGraph, pruned: Mapping[int, to
     return result
 
 
-def _split_attributes(graph: DependencyGraph, pruned_atom: torch.Tensor) -> dict[str, dict[str, int]]:
-    """New values of the module attributes that hold the piece size of a ``torch.split(x, size)`` (see
-    :class:`~prunekit.structured.tracer.SizeSplit`): the kept size of a piece times the attribute's multiple."""
-    out: dict[str, dict[str, int]] = {}
+def _size_attributes(graph: DependencyGraph, pruned_atom: torch.Tensor) -> dict[str, dict[str, int]]:
+    """New values of the module attributes that hold sizes the pruning changes: the piece size of a
+    ``torch.split(x, size)`` (see :class:`~prunekit.structured.tracer.SizeSplit`; its kept size times the attribute's
+    multiple) and the sizes of reshapes (:class:`~prunekit.structured.tracer.ViewSize`: ``num_heads`` after heads
+    go). Only sizes that change propose values; an attribute that would get two different values is left alone (the
+    check run then names the module)."""
+    proposed: dict[tuple[str, str], set[int]] = {}
     for split in graph.state.size_splits:
-        if not split.attributes:
-            continue
         piece = split.grid[0]
         kept = int(((piece < 0) | ~pruned_atom[piece.clamp(min=0)]).sum())
         if kept == piece.numel():
             continue
         for attr, multiple in split.attributes.items():
-            out.setdefault(split.module, {})[attr] = multiple * kept
+            proposed.setdefault((split.module, attr), set()).add(multiple * kept)
+    for view in graph.state.view_sizes:
+        try:
+            new = graph.shape_after(view.shape, view.fields, pruned_atom)
+        except ValueError:
+            continue
+        for d, attrs in view.attributes.items():
+            if new[d] != view.shape[d]:  # a size that stays says nothing (a literal 3 for q, k, v may equal num_heads)
+                for attr in attrs:
+                    proposed.setdefault((view.module, attr), set()).add(new[d])
+    out: dict[str, dict[str, int]] = {}
+    for (module, attr), values in proposed.items():
+        if len(values) == 1:
+            out.setdefault(module, {})[attr] = values.pop()
     return out
 
 

@@ -293,6 +293,28 @@ def _view(st: TraceState, func: Any, src: torch.Tensor, dst: torch.Tensor) -> No
             st.splits.append((g.atoms, f"{st.where()} {func.overloadpacket.__name__}"))
         new.append(g)
     st.set_fields(dst, st.merge(new))
+    _view_size(st, dst)
+
+
+#: Words in the names of attributes that hold sizes (``num_heads``, ``head_dim``, ``attn_dim``, ``hidden_size``).
+_SIZE_WORDS = ("head", "dim", "channel", "chs", "width", "size", "features", "hidden", "embed", "group")
+
+
+def _view_size(st: TraceState, dst: torch.Tensor) -> None:
+    """Record which attributes of the running module could hold the sizes of a reshape's labelled dimensions."""
+    from prunekit.structured.tracer import ViewSize
+
+    fields = st.fields(dst)
+    name, module = st.stack[-1]
+    if not fields:
+        return
+    sizes = {k: v for k, v in vars(module).items()
+             if type(v) is int and v > 1 and not k.startswith("_") and any(w in k.lower() for w in _SIZE_WORDS)}
+    dims = {d for f in fields for d in f.dims}
+    attrs = {d: [k for k, v in sizes.items() if v == dst.shape[d]] for d in sorted(dims)}
+    attrs = {d: ks for d, ks in attrs.items() if ks}
+    if attrs:
+        st.view_sizes.append(ViewSize(name, tuple(dst.shape), list(fields), attrs))
 
 
 def _same_positions(before: torch.Tensor, after: torch.Tensor) -> bool:

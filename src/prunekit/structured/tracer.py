@@ -34,7 +34,8 @@ from prunekit.flops import _split_inputs, count_macs
 from prunekit.structured.labels import Field, LabelState
 from prunekit.structured.rules import lookup
 
-__all__ = ["ModuleCall", "OpRecord", "SizeSplit", "TraceState", "UnsupportedOpError", "resolve_modules", "run_trace"]
+__all__ = ["ModuleCall", "OpRecord", "SizeSplit", "TraceState", "UnsupportedOpError", "ViewSize", "resolve_modules",
+           "run_trace"]
 
 
 class UnsupportedOpError(RuntimeError):
@@ -71,6 +72,18 @@ class SizeSplit:
     call: str
     grid: torch.Tensor  # (pieces, size) atoms
     attributes: dict[str, int]
+
+
+@dataclass
+class ViewSize:
+    """A reshape inside a module whose target sizes may come from the module's attributes (``num_heads``,
+    ``head_dim``, ``attn_dim``): ``attributes`` maps a dimension of the result to the module's integer attributes
+    whose name says they are a size and whose value equals that dimension's size."""
+
+    module: str
+    shape: tuple[int, ...]
+    fields: list[Field]
+    attributes: dict[int, list[str]]
 
 
 @dataclass(frozen=True)
@@ -156,6 +169,7 @@ class TraceState(LabelState):
         #: code), ``("count", n)`` for ``chunk``; ATen sees both as ``split``.
         self.split_call: tuple[str, Any] | None = None
         self.size_splits: list[SizeSplit] = []
+        self.view_sizes: list[ViewSize] = []
 
     # --- labels ------------------------------------------------------------------------------------------------
     def fields(self, t: torch.Tensor) -> list[Field]:
