@@ -198,6 +198,25 @@ def test_runs_in_eval_without_grad_and_restores_each_mode():
     assert [m.training for m in model.modules()] == [True, True, True, False]
 
 
+class ClassToken(nn.Module):
+    """CaiT-style: a parameter expanded under no_grad is a module input (requires_grad, no grad_fn)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token = nn.Parameter(torch.ones(1, 1, 4))
+        self.frozen = nn.Parameter(torch.ones(4), requires_grad=False)
+        self.block = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.block(self.token.expand(x.shape[0], -1, -1)) + x * self.frozen
+
+
+def test_a_parameter_view_as_module_input_is_counted_and_grad_flags_restored():
+    model = ClassToken()
+    assert count_macs(model, torch.randn(1, 1, 4)).total == 16
+    assert [p.requires_grad for p in model.parameters()] == [True, False, True, True]
+
+
 def test_modes_restored_when_forward_fails():
     model = nn.Linear(3, 2).train()
     with pytest.raises(RuntimeError):

@@ -173,11 +173,18 @@ def _split_inputs(example_inputs: object) -> tuple[tuple[Any, ...], dict[str, An
 
 @contextlib.contextmanager
 def _counting_state(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no grad and no fused attention fast path; everything restored on exit."""
+    """Eval mode, no grad and no fused attention fast path; everything restored on exit.
+
+    Parameters stop requiring grad for the run too: a view of a parameter made under ``no_grad`` still reports
+    ``requires_grad`` without a ``grad_fn`` (CaiT's ``cls_token.expand(...)``), and FlopCounterMode's module tracker
+    fails on such a module input ("Expected gradient function to be set")."""
     training = {module: module.training for module in model.modules()}
+    grads = {p: p.requires_grad for p in model.parameters()}
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         model.eval()
+        for p in grads:
+            p.requires_grad_(False)
         torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad():
             yield
@@ -185,6 +192,8 @@ def _counting_state(model: nn.Module) -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for module, mode in training.items():
             module.training = mode
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
 
 
 def _by_module(model: nn.Module, counts: Mapping[str, Mapping[Any, int]]) -> dict[str, int]:

@@ -1069,19 +1069,19 @@ def _make_plan(model: nn.Module, graph: DependencyGraph, pruned: Mapping[int, to
     calls = graph.state.calls
     updates = []
     if slices:
-        split_sizes = _size_attributes(graph, pruned_atom)
+        size_attrs = _size_attributes(graph, pruned_atom)
         for name, module in model.named_modules():
             handler = registry.find(module)
-            if handler is None and name not in split_sizes:
+            if handler is None and name not in size_attrs:
                 continue
             call = calls.get(name)
             inputs = [(shape, graph.shape_after(shape, fields, pruned_atom)) for shape, fields in call.inputs] if call \
                 else []
             sizes = ModuleSizes(name, old, new, kept, aliases, inputs)
-            if not sizes.changed() and not any(a != b for a, b in inputs) and name not in split_sizes:
+            if not sizes.changed() and not any(a != b for a, b in inputs) and name not in size_attrs:
                 continue
             replace = handler.replacement(module, sizes) if handler else None
-            attrs = {**split_sizes.get(name, {}), **(handler.attributes(module, sizes) if handler else {})}
+            attrs = {**size_attrs.get(name, {}), **(handler.attributes(module, sizes) if handler else {})}
             attrs = {k: v for k, v in attrs.items() if _differs(getattr(module, k, None), v)}
             if attrs or replace:
                 updates.append(ModuleUpdate(name, type(module).__name__, _jsonable(attrs), replace))

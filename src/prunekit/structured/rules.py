@@ -305,9 +305,9 @@ def _view_size(st: TraceState, dst: torch.Tensor) -> None:
     from prunekit.structured.tracer import ViewSize
 
     fields = st.fields(dst)
-    name, module = st.stack[-1]
     if not fields:
         return
+    name, module = st.stack[-1]
     sizes = {k: v for k, v in vars(module).items()
              if type(v) is int and v > 1 and not k.startswith("_") and any(w in k.lower() for w in _SIZE_WORDS)}
     dims = {d for f in fields for d in f.dims}
@@ -433,7 +433,7 @@ def _size_split(st: TraceState, grid: torch.Tensor) -> bool:
     pieces, size = grid.shape
     name, module = st.stack[-1]
     attrs = {k: v // size for k, v in vars(module).items()
-             if type(v) is int and v in (size, size * pieces) and not k.startswith("__")}
+             if type(v) is int and v in (size, size * pieces) and not k.startswith("_")}
     if st.freeze_size_splits == "all" or (st.freeze_size_splits == "unmatched" and not attrs):
         return False
     st.size_splits.append(SizeSplit(name, f"split by {st.split_call[1]!r} into {pieces} pieces", grid, attrs))
