@@ -674,6 +674,24 @@ def test_the_class_kept_whole_is_the_nearest_one_whose_code_is_not_torchs():
     assert _culprit(model, "1") is None and _culprit(model, "") is None and _culprit(model, "nope") is None
 
 
+class StdConv(nn.Conv2d):
+    """Weight standardisation as timm's StdConv2d: batch_norm with batch statistics over each filter's inputs."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, eps=1e-6)
+        return F.conv2d(x, w.reshape_as(self.weight), self.bias, self.stride, self.padding)
+
+
+def test_weight_standardisation_normalises_over_the_input_channels():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), StdConv(8, 4, 3, padding=1)).eval(), torch.randn(1, 3, 6, 6)
+    graph = trace(model, x)
+    assert [g.soft_exact for g in graph.groups] == [False]  # zeroed inputs would still count in the statistics
+    p = plan(model, x, 0.5, graph=graph)
+    with torch.no_grad():
+        assert p.apply(copy.deepcopy(model))(x).shape == (1, 4, 6, 6)
+
+
 def test_group_norm_with_one_group_keeps_one_group():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(1, 8), nn.ReLU(), nn.Conv2d(8, 2, 1))

@@ -766,6 +766,13 @@ def batch_norm(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -
     x = args[0]
     params = [a for a in args[1:5] if isinstance(a, torch.Tensor)]
     fields = st.combine(x.shape, [(x.shape, st.fields(x))] + _channel_params(params, x.dim(), st))
+    # with batch statistics every dimension but the channels is normalised over: weight standardisation
+    # (timm's StdConv2d / ScaledStdConv2d run batch_norm on the (1, out, in * k * k) weight)
+    training = func.overloadpacket is _op("_batch_norm_with_update") or next(
+        (a for a in args[1:] if isinstance(a, bool)), False)
+    for f in fields:
+        if training and any(d != 1 for d in f.dims):
+            st.flag(f.atoms, "normalised")
     outs = _tensors(out)
     st.set_fields(outs[0], fields)
     channel = [Field((0,), f.atoms) for f in fields if f.dims == (1,)]
