@@ -1,8 +1,11 @@
 """Module handlers: what structured pruning must know about a module type beyond its ATen operations.
 
-The tracer follows any module through its operations, so most modules need no handler. A handler is needed when
-a module keeps sizes in plain attributes that its forward reads (``nn.Linear.out_features`` is only cosmetic, but
-Hugging Face's ``Conv1D.nf`` shapes its output; ``nn.GroupNorm.num_groups`` feeds its operation), when pruned
+The tracer follows any module through its operations, so most modules need no handler. Integer attributes that
+hold a size the module's code reshapes or splits by (``num_heads``, ``head_dim``, ``self.c`` in
+``torch.split(x, self.c)``) are found by value and updated by the plan where that size shrinks (see
+``planning._size_attributes``). A handler is needed when a module keeps sizes in plain attributes that its forward
+reads in other ways (``nn.Linear.out_features`` is only cosmetic, but Hugging Face's ``Conv1D.nf`` shapes its output;
+``nn.GroupNorm.num_groups`` feeds its operation), or under names that do not say they are sizes, when pruned
 shapes require another module class (``nn.MultiheadAttention``), when its code ties sizes together in ways the
 operations do not show (torchvision's Swin attention computes its head size from the input width), or when it
 cannot be traced at all (an ``opaque`` handler replaces tracing of the module's inside).

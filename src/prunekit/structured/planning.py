@@ -1097,28 +1097,35 @@ def _size_attributes(graph: DependencyGraph, pruned_atom: torch.Tensor) -> dict[
     """New values of the module attributes that hold sizes the pruning changes: the piece size of a
     ``torch.split(x, size)`` (see :class:`~prunekit.structured.tracer.SizeSplit`; its kept size times the attribute's
     multiple) and the sizes of reshapes (:class:`~prunekit.structured.tracer.ViewSize`: ``num_heads`` after heads
-    go). Only sizes that change propose values; an attribute that would get two different values is left alone (the
-    check run then names the module)."""
-    proposed: dict[tuple[str, str], set[int]] = {}
+    go). An attribute is updated when the dimensions whose size it equals shrink to one new size. Where it also equals
+    a dimension that keeps its size (``num_heads == 3`` beside the literal 3 of q, k, v; ``head_dim == 4`` beside 4
+    heads), its name decides: a head count (``*head*`` without ``dim``/``size``) follows the heads, anything else
+    stays. Otherwise it is left alone, and the check run names the module if that was wrong."""
+    changed: dict[tuple[str, str], set[int]] = {}
+    stays: set[tuple[str, str]] = set()
     for split in graph.state.size_splits:
         piece = split.grid[0]
         kept = int(((piece < 0) | ~pruned_atom[piece.clamp(min=0)]).sum())
         if kept == piece.numel():
             continue
         for attr, multiple in split.attributes.items():
-            proposed.setdefault((split.module, attr), set()).add(multiple * kept)
+            changed.setdefault((split.module, attr), set()).add(multiple * kept)
     for view in graph.state.view_sizes:
         try:
             new = graph.shape_after(view.shape, view.fields, pruned_atom)
         except ValueError:
             continue
         for d, attrs in view.attributes.items():
-            if new[d] != view.shape[d]:  # a size that stays says nothing (a literal 3 for q, k, v may equal num_heads)
-                for attr in attrs:
-                    proposed.setdefault((view.module, attr), set()).add(new[d])
+            for attr in attrs:
+                if new[d] != view.shape[d]:
+                    changed.setdefault((view.module, attr), set()).add(new[d])
+                else:
+                    stays.add((view.module, attr))
     out: dict[str, dict[str, int]] = {}
-    for (module, attr), values in proposed.items():
-        if len(values) == 1:
+    for (module, attr), values in changed.items():
+        name = attr.lower()
+        head_count = "head" in name and "dim" not in name and "size" not in name
+        if len(values) == 1 and ((module, attr) not in stays or head_count):
             out.setdefault(module, {})[attr] = values.pop()
     return out
 
