@@ -461,7 +461,9 @@ def plan(
         ValueError: For an out-of-range sparsity, budget, ``round_to`` or ``min_channels``, both a sparsity and a
             budget, an unknown ``allocation`` (or one without a budget), or scores of the wrong shape.
         UnsupportedOpError: If the model runs an operation prunekit cannot follow (see :func:`trace`).
-        PlanApplyError: If the pruned model does not run (the message names the module to give a handler).
+        PlanApplyError: If the pruned model does not run (the message names the module to give a handler) and
+            keeping the channels of ``torch.split``-by-size or the module classes whose code broke whole does not
+            mend it. When that does mend it, the plan keeps them and ``plan.notes`` says which and why.
 
     Examples:
         >>> import torch
