@@ -241,7 +241,11 @@ def main() -> None:
 
     sizes = dict(MODELS)
     names = args.models or [n for n, _ in MODELS]
-    k, n = (int(v) for v in args.shard.split("/"))
+    try:
+        k, n = (int(v) for v in args.shard.split("/"))
+        assert 0 <= k < n
+    except (ValueError, AssertionError):
+        raise SystemExit(f"--shard {args.shard!r}: expected K/N with 0 <= K < N, e.g. 0/2") from None
     names = names[k::n]
     unknown = [n for n in names if n not in sizes]
     if unknown:
