@@ -881,7 +881,10 @@ def render_minilm_structured(doc: dict[str, Any]) -> tuple[str, list[str]]:
 
 @renders("timm_coverage.json")
 def render_timm_coverage(doc: dict[str, Any]) -> tuple[str, list[str]]:
+    title = "Coverage beyond torchvision: timm architectures"
     runs = {k: r for k, r in as_dict(doc.get("runs")).items() if isinstance(r, dict)}
+    if not runs:
+        return title, [f"timm architectures pruned and checked: {NOT_MEASURED}"]
     tools = {"ours": "prunekit", "tp": "Torch-Pruning 1.6.1"}
     ok: dict[str, list[str]] = {t: [] for t in tools}
     fails: dict[str, list[str]] = {t: [] for t in tools}
@@ -905,7 +908,7 @@ def render_timm_coverage(doc: dict[str, Any]) -> tuple[str, list[str]]:
              f"{kept} of its plans kept some modules whole to make the pruned model run (said in `plan.notes`). "
              "Per model: `benchmarks/results/timm_coverage.md`.", ""]
     lines += md_table(["", *tools.values()], rows)
-    return "Coverage beyond torchvision: timm architectures", lines
+    return title, lines
 
 
 @renders("lottery_*.json")
