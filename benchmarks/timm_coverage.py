@@ -13,7 +13,8 @@ own (memory cap ``--memory-gb``, time limit ``--timeout``):
   soft-pruned == physically pruned on the groups where that holds. ``notes`` counts plans that had to keep some
   channels whole to make the pruned model run (the plan says which and why).
 * ``tp``: Torch-Pruning's own recipe for timm models (``examples/timm_models/prune_timm_models.py``):
-  ``MetaPruner(model, x, GroupMagnitudeImportance(p=2), pruning_ratio=0.5)``, the classifier ignored, ``num_heads``
+  ``MetaPruner(model, x, GroupMagnitudeImportance(p=2), pruning_ratio=0.5)``, the classifier ignored (beyond the
+  recipe's Linear layers with 10 outputs, also timm's ``get_classifier()``: DLA's is a 1x1 conv), ``num_heads``
   passed for every module with ``num_heads`` and ``qkv``, and ``num_heads``/``head_dim`` (and, beyond the recipe,
   timm's newer ``attn_dim``) set afterwards. Checked: the pruned model runs, output shape unchanged and finite.
 
@@ -146,7 +147,9 @@ def child_tp(name: str, size: int) -> dict[str, Any]:
     stage = "prune"
     try:
         t0 = time.perf_counter()
-        ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 10]
+        # the recipe ignores Linear layers with num_classes outputs; timm's get_classifier() also finds a conv head
+        head = model.get_classifier() if hasattr(model, "get_classifier") else None
+        ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 10 or m is head]
         num_heads = {}
         for m in model.modules():
             if hasattr(m, "num_heads") and isinstance(getattr(m, "qkv", None), nn.Linear):
