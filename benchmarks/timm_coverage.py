@@ -40,6 +40,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -96,79 +97,80 @@ def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
 
-def child_ours(name: str, size: int) -> dict[str, Any]:
+def _check_output(out: torch.Tensor, dense: torch.Tensor) -> None:
+    if out.shape != dense.shape or not bool(torch.isfinite(out).all()):
+        raise AssertionError(f"output shape {tuple(out.shape)} (dense {tuple(dense.shape)}) or not finite")
+
+
+def prune_ours(model: nn.Module, x: torch.Tensor, dense: torch.Tensor, rec: dict[str, Any]) -> Iterator[str]:
+    """prunekit's steps; yields the name of each stage as it starts and fills ``rec``."""
     from prunekit.structured import plan, trace
 
-    model = build(name, size)
-    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    dense = _run(model, x)
-    rec: dict[str, Any] = {}
-    stage = "trace"
-    try:
-        t0 = time.perf_counter()
-        graph = trace(model, x)
-        stage = "plan"
-        half = plan(model, x, 0.5, graph=graph)
-        stage = "apply"
-        small = half.apply(copy.deepcopy(model))
-        rec["prune_seconds"] = time.perf_counter() - t0
-        stage = "run"
-        out = _run(small, x)
-        if out.shape != dense.shape or not bool(torch.isfinite(out).all()):
-            raise AssertionError(f"output shape {tuple(out.shape)} (dense {tuple(dense.shape)}) or not finite")
-        rec.update(macs=count_macs(small, x).total, groups=len(half.groups), notes=list(half.notes))
-        stage = "zero"
-        zero = plan(model, x, 0.0, graph=graph).apply(copy.deepcopy(model))
-        if not torch.equal(_run(zero, x), dense):
-            raise AssertionError("0% pruning changed the output")
-        stage = "soft"
-        exact = plan(model, x, lambda g: 0.5 if g.soft_exact else 0.0, graph=graph)
-        if exact.slices:
-            phys = _run(exact.apply(copy.deepcopy(model)), x)
-            soft = _run(exact.apply(copy.deepcopy(model), soft=True), x)
-            mismatch, scale = float((phys - soft).abs().max()), float(dense.abs().max())
-            rec["soft_mismatch"] = mismatch / max(scale, 1e-12)
-            if mismatch > 1e-4 * scale:
-                raise AssertionError(f"soft and physical pruning differ by {mismatch:.3g} (output scale {scale:.3g})")
-        rec["status"] = "ok"
-    except Exception as exc:
-        rec.update(status="fail", stage=stage, error=f"{type(exc).__name__}: {exc}"[:600],
-                   where=traceback.format_exc().strip().splitlines()[-3][:300])
-    return rec
+    yield "trace"
+    t0 = time.perf_counter()
+    graph = trace(model, x)
+    yield "plan"
+    half = plan(model, x, 0.5, graph=graph)
+    yield "apply"
+    small = half.apply(copy.deepcopy(model))
+    rec["prune_seconds"] = time.perf_counter() - t0
+    yield "run"
+    _check_output(_run(small, x), dense)
+    rec.update(macs=count_macs(small, x).total, groups=len(half.groups), notes=list(half.notes))
+    yield "zero"
+    zero = plan(model, x, 0.0, graph=graph).apply(copy.deepcopy(model))
+    if not torch.equal(_run(zero, x), dense):
+        raise AssertionError("0% pruning changed the output")
+    yield "soft"
+    exact = plan(model, x, lambda g: 0.5 if g.soft_exact else 0.0, graph=graph)
+    if exact.slices:
+        phys = _run(exact.apply(copy.deepcopy(model)), x)
+        soft = _run(exact.apply(copy.deepcopy(model), soft=True), x)
+        mismatch, scale = float((phys - soft).abs().max()), float(dense.abs().max())
+        rec["soft_mismatch"] = mismatch / max(scale, 1e-12)
+        if mismatch > 1e-4 * scale:
+            raise AssertionError(f"soft and physical pruning differ by {mismatch:.3g} (output scale {scale:.3g})")
 
 
-def child_tp(name: str, size: int) -> dict[str, Any]:
+def prune_tp(model: nn.Module, x: torch.Tensor, dense: torch.Tensor, rec: dict[str, Any]) -> Iterator[str]:
+    """Torch-Pruning's timm recipe; yields the name of each stage as it starts and fills ``rec``."""
     import torch_pruning as tp
 
+    yield "prune"
+    t0 = time.perf_counter()
+    # the recipe ignores Linear layers with num_classes outputs; timm's get_classifier() also finds a conv head
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 10 or m is head]
+    num_heads = {}
+    for m in model.modules():
+        if hasattr(m, "num_heads") and isinstance(getattr(m, "qkv", None), nn.Linear):
+            num_heads[m.qkv] = m.num_heads
+    pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  pruning_ratio=0.5, ignored_layers=ignored, num_heads=num_heads)
+    pruner.step()
+    for m in model.modules():
+        if hasattr(m, "num_heads") and getattr(m, "qkv", None) in num_heads:
+            m.num_heads = pruner.num_heads[m.qkv]
+            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+            if hasattr(m, "attn_dim"):
+                m.attn_dim = m.num_heads * m.head_dim
+    rec["prune_seconds"] = time.perf_counter() - t0
+    yield "run"
+    _check_output(_run(model, x), dense)
+    rec["macs"] = count_macs(model, x).total
+
+
+def run_tool(tool: str, name: str, size: int) -> dict[str, Any]:
+    """Build the model, run one tool's stages on it and record ``ok`` or the stage that failed and why."""
     model = build(name, size)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     dense = _run(model, x)
     rec: dict[str, Any] = {}
-    stage = "prune"
+    stage = "start"
     try:
-        t0 = time.perf_counter()
-        # the recipe ignores Linear layers with num_classes outputs; timm's get_classifier() also finds a conv head
-        head = model.get_classifier() if hasattr(model, "get_classifier") else None
-        ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 10 or m is head]
-        num_heads = {}
-        for m in model.modules():
-            if hasattr(m, "num_heads") and isinstance(getattr(m, "qkv", None), nn.Linear):
-                num_heads[m.qkv] = m.num_heads
-        pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                      pruning_ratio=0.5, ignored_layers=ignored, num_heads=num_heads)
-        pruner.step()
-        for m in model.modules():
-            if hasattr(m, "num_heads") and getattr(m, "qkv", None) in num_heads:
-                m.num_heads = pruner.num_heads[m.qkv]
-                m.head_dim = m.qkv.out_features // (3 * m.num_heads)
-                if hasattr(m, "attn_dim"):
-                    m.attn_dim = m.num_heads * m.head_dim
-        rec["prune_seconds"] = time.perf_counter() - t0
-        stage = "run"
-        out = _run(model, x)
-        if out.shape != dense.shape or not bool(torch.isfinite(out).all()):
-            raise AssertionError(f"output shape {tuple(out.shape)} (dense {tuple(dense.shape)}) or not finite")
-        rec.update(macs=count_macs(model, x).total, status="ok")
+        for stage in (prune_ours if tool == "ours" else prune_tp)(model, x, dense, rec):
+            pass
+        rec["status"] = "ok"
     except Exception as exc:
         rec.update(status="fail", stage=stage, error=f"{type(exc).__name__}: {exc}"[:600],
                    where=traceback.format_exc().strip().splitlines()[-3][:300])
@@ -237,7 +239,7 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.child:
         tool, name, size, out = args.child
-        rec = (child_ours if tool == "ours" else child_tp)(name, int(size))
+        rec = run_tool(tool, name, int(size))
         write_text(Path(out), json.dumps(rec))
         return
     import importlib.metadata

@@ -526,8 +526,7 @@ def _with_fallbacks(model: nn.Module, example_inputs: Any, graph: DependencyGrap
             result = make(fallback)
         except PlanApplyError:
             continue
-        kept = sorted({f"{s.module or '<model>'}: {s.call}" for s in splits}
-                      - {f"{s.module or '<model>'}: {s.call}" for s in fallback.state.size_splits})
+        kept = sorted(_described(splits) - _described(fallback.state.size_splits))
         result.notes.append(f"the pruned model broke ({failure}); keeping the channels of torch.split by size "
                             f"({'; '.join(kept)}) mended it. To prune them too, {fix}")
         return result, fallback
@@ -548,6 +547,11 @@ def _with_fallbacks(model: nn.Module, example_inputs: Any, graph: DependencyGrap
                             f"them too, {fix}")
         return result, fallback
     raise first
+
+
+def _described(splits: Iterable[Any]) -> set[str]:
+    """``"<module>: split by ..."`` for each recorded ``torch.split(x, size)``."""
+    return {f"{s.module or '<model>'}: {s.call}" for s in splits}
 
 
 def _culprit(model: nn.Module, name: str | None) -> type | None:

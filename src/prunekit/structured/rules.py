@@ -300,6 +300,11 @@ def _view(st: TraceState, func: Any, src: torch.Tensor, dst: torch.Tensor) -> No
 _SIZE_WORDS = ("head", "dim", "channel", "chs", "width", "size", "features", "hidden", "embed", "group")
 
 
+def _int_attributes(module: torch.nn.Module) -> dict[str, int]:
+    """The public integer attributes of a module (not bools): where its code may keep a size."""
+    return {k: v for k, v in vars(module).items() if type(v) is int and not k.startswith("_")}
+
+
 def _view_size(st: TraceState, dst: torch.Tensor) -> None:
     """Record which attributes of the running module could hold the sizes of a reshape's labelled dimensions."""
     from prunekit.structured.tracer import ViewSize
@@ -308,8 +313,7 @@ def _view_size(st: TraceState, dst: torch.Tensor) -> None:
     if not fields:
         return
     name, module = st.stack[-1]
-    sizes = {k: v for k, v in vars(module).items()
-             if type(v) is int and v > 1 and not k.startswith("_") and any(w in k.lower() for w in _SIZE_WORDS)}
+    sizes = {k: v for k, v in _int_attributes(module).items() if v > 1 and any(w in k.lower() for w in _SIZE_WORDS)}
     dims = {d for f in fields for d in f.dims}
     attrs = {d: [k for k, v in sizes.items() if v == dst.shape[d]] for d in sorted(dims)}
     attrs = {d: ks for d, ks in attrs.items() if ks}
@@ -432,8 +436,7 @@ def _size_split(st: TraceState, grid: torch.Tensor) -> bool:
 
     pieces, size = grid.shape
     name, module = st.stack[-1]
-    attrs = {k: v // size for k, v in vars(module).items()
-             if type(v) is int and v in (size, size * pieces) and not k.startswith("_")}
+    attrs = {k: v // size for k, v in _int_attributes(module).items() if v in (size, size * pieces)}
     if st.freeze_size_splits == "all" or (st.freeze_size_splits == "unmatched" and not attrs):
         return False
     st.size_splits.append(SizeSplit(name, f"split by {st.split_call[1]!r} into {pieces} pieces", grid, attrs))
@@ -768,11 +771,11 @@ def batch_norm(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -
     fields = st.combine(x.shape, [(x.shape, st.fields(x))] + _channel_params(params, x.dim(), st))
     # with batch statistics every dimension but the channels is normalised over: weight standardisation
     # (timm's StdConv2d / ScaledStdConv2d run batch_norm on the (1, out, in * k * k) weight)
-    training = func.overloadpacket is _op("_batch_norm_with_update") or next(
-        (a for a in args[1:] if isinstance(a, bool)), False)
-    for f in fields:
-        if training and any(d != 1 for d in f.dims):
-            st.flag(f.atoms, "normalised")
+    training = next((a for a in args[1:] if isinstance(a, bool)), False)  # the op's training flag, if it has one
+    if training or func.overloadpacket is _op("_batch_norm_with_update"):
+        for f in fields:
+            if any(d != 1 for d in f.dims):
+                st.flag(f.atoms, "normalised")
     outs = _tensors(out)
     st.set_fields(outs[0], fields)
     channel = [Field((0,), f.atoms) for f in fields if f.dims == (1,)]

@@ -304,8 +304,7 @@ class TraceState(LabelState):
 
 
 _SIZE_SPLITS = {torch.split, torch.Tensor.split, torch.functional.split}
-_COUNT_SPLITS = {torch.chunk, torch.Tensor.chunk}
-_SECTIONS = {torch.tensor_split, torch.Tensor.tensor_split}
+_COUNT_SPLITS = {torch.chunk, torch.Tensor.chunk}  # (tensor_split runs as slices, which freeze constant indices)
 
 
 class _PythonSplits(TorchFunctionMode):
@@ -317,18 +316,10 @@ class _PythonSplits(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
         kwargs = dict(kwargs or {})
-        call = None
-        if func in _SIZE_SPLITS or func in _SECTIONS:
-            arg = args[1] if len(args) > 1 else next(iter(v for k, v in kwargs.items() if k != "dim"), None)
-            if func in _SECTIONS:
-                call = ("count", arg) if isinstance(arg, int) else ("size", arg)
-            else:
-                call = ("size", arg)
-        elif func in _COUNT_SPLITS:
-            call = ("count", args[1] if len(args) > 1 else kwargs.get("chunks"))
-        if call is None:
+        if func not in _SIZE_SPLITS and func not in _COUNT_SPLITS:
             return func(*args, **kwargs)
-        outer, self.state.split_call = self.state.split_call, call
+        arg = args[1] if len(args) > 1 else next((v for k, v in kwargs.items() if k != "dim"), None)
+        outer, self.state.split_call = self.state.split_call, ("size" if func in _SIZE_SPLITS else "count", arg)
         try:
             return func(*args, **kwargs)
         finally:
