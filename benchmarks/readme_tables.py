@@ -512,7 +512,7 @@ def render_structured_latency(doc: dict[str, Any]) -> tuple[str, list[str]]:
         theirs = "failed" if tp_failed else None
         theirs_macs = theirs or fmt_ratio(dig(s, "theirs", "mac_reduction"))
         macs = " / ".join([fmt_ratio(dig(s, "ours", "mac_reduction")), fmt_ratio(dig(s, "ours_2x", "mac_reduction")),
-                           theirs_macs])
+                           theirs_macs, theirs or fmt_ratio(dig(s, "ours_matched", "mac_reduction"))])
         speed = [" / ".join([fmt_ratio(dig(s, "ours", f"speedup_b{b}")), fmt_ratio(dig(s, "ours_2x", f"speedup_b{b}")),
                              theirs or fmt_ratio(dig(s, "theirs", f"speedup_b{b}")),
                              fmt_ratio(dig(s, "ours_matched", f"speedup_b{b}"))]) for b in batches]
@@ -529,9 +529,13 @@ def render_structured_latency(doc: dict[str, Any]) -> tuple[str, list[str]]:
     passes = dig(doc, "meta", "passes")
     rounding = sorted({str(as_dict(r.get("ours_2x")).get("round_to")) for r in runs.values()
                        if as_dict(r.get("ours_2x")).get("round_to") is not None})
+    matched_r = dig(doc, "meta", "round_to") or NOT_MEASURED
     lines = [("prunekit `structured.plan` with half of every group's channels (50%) and pruned for speed at 2x fewer "
               "MACs (`macs=0.5, allocation=\"latency\"`, profiled and timed at batch 16, channel counts multiples of "
-              f"{' or '.join(rounding) or NOT_MEASURED}: 2x), Torch-Pruning's `MetaPruner` at 50% (TP), and prunekit at the MACs TP reached (matched); CPU "
+              f"{' or '.join(rounding) or NOT_MEASURED}: 2x), Torch-Pruning's `MetaPruner` at 50% (TP), and prunekit at "
+              f"the MACs TP reached (matched: the same fraction of every group, channel counts multiples of "
+              f"{matched_r}, or of a half, a quarter, ... of that where {matched_r} cannot come within 1% of TP's "
+              "MACs); CPU "
               "latency speed-up over the dense model. The speed-up / MAC-reduction goal applies to the 2x column (it "
               "must lose ≥ 2x MACs)." + (f" Every figure is the median over {passes} passes (each plans 2x again "
                                          "and times all models again); the bars are judged on the medians."
@@ -539,7 +543,7 @@ def render_structured_latency(doc: dict[str, Any]) -> tuple[str, list[str]]:
               + " The Torch-Pruning bar compares matched with TP within each pass (the two are timed interleaved): "
                 "in brackets, matched's speed over TP's, median over passes."),
              ""]
-    lines += md_table(["model", "fewer MACs: 50% / 2x / TP",
+    lines += md_table(["model", "fewer MACs: 50% / 2x / TP / matched",
                        *(f"speed-up batch {b}: 50% / 2x / TP / matched" for b in batches),
                        f"speed-up ÷ MAC reduction, batch {last}: 50% / 2x / TP", "bars"], rows)
     return "Structured pruning: MACs and latency", lines
