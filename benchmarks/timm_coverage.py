@@ -24,6 +24,7 @@ reduction below 2x is reported, not failed (the issue's 2x bar is for its 15 mod
 Run (results are written after every model, a rerun skips finished ones; one process per core):
     .venv/bin/python benchmarks/timm_coverage.py --shard 0/2 & .venv/bin/python benchmarks/timm_coverage.py --shard 1/2
     .venv/bin/python benchmarks/timm_coverage.py --models vit_tiny_patch16_224 resnet26d   # a few
+    .venv/bin/python benchmarks/timm_coverage.py --tools ours --shard 0/2 & ...   # prunekit again, TP's kept
 Needs ``timm`` and ``torch-pruning==1.6.1`` (``.venv/bin/pip install timm torch-pruning==1.6.1 --no-deps``); both are
 benchmark-only dependencies.
 """
@@ -227,6 +228,12 @@ def summarize(runs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return text, counts
 
 
+def _provenance(old: dict[str, Any], tool: str) -> str:
+    """Where a kept record of ``tool`` was measured: the command of the run that measured it."""
+    earlier = old.get("tools", {}).get(tool, "")
+    return earlier if earlier.startswith("kept from") else f"kept from {old.get('command', '?')}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="*", default=None, help="timm names (default: the list in this script)")
@@ -234,6 +241,9 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--shard", default="0/1", help="K/N: this process takes every N-th model from the K-th (run N "
                     "processes with K = 0..N-1 to use N cores; they share the results file)")
+    ap.add_argument("--tools", nargs="+", choices=("ours", "tp"), default=["ours", "tp"],
+                    help="tools to run (default both); with one, finished models are run again for that tool and "
+                    "keep the other's record (the record's 'command' then names the rerun, 'tools' what it ran)")
     ap.add_argument("--child", nargs=4, metavar=("TOOL", "NAME", "SIZE", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -258,14 +268,21 @@ def main() -> None:
     store = ResultStore(RESULTS / f"{NAME}.json", NAME, meta={
         "timm": importlib.metadata.version("timm"), "torch_pruning": importlib.metadata.version("torch-pruning"),
         "torch": torch.__version__})
+    both = set(args.tools) == {"ours", "tp"}
     for name in names:
-        if store.done(name):
+        if store.done(name) and both:
             continue
+        old = store.runs.get(name, {})
+        if not both and not all(t in old for t in ("ours", "tp")):
+            raise SystemExit(f"{name}: no earlier record to keep the other tool's result from; run both tools")
         size = sizes[name]
         x = torch.randn(1, 3, size, size)
-        record = {"size": size, "dense_macs": count_macs(build(name, size), x).total,
-                  "ours": in_child("ours", name, size, args.memory_gb, args.timeout),
-                  "tp": in_child("tp", name, size, args.memory_gb, args.timeout)}
+        record = {"size": size, "dense_macs": count_macs(build(name, size), x).total}
+        for tool in ("ours", "tp"):
+            record[tool] = in_child(tool, name, size, args.memory_gb, args.timeout) if tool in args.tools \
+                else old[tool]
+        if not both:
+            record["tools"] = {t: "rerun" if t in args.tools else _provenance(old, t) for t in ("ours", "tp")}
         store.put(name, record)
         print(f"{name}: ours {record['ours']['status']}, Torch-Pruning {record['tp']['status']}", flush=True)
     text, counts = summarize(store.runs)

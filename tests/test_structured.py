@@ -652,6 +652,135 @@ def test_silently_wrong_shapes_are_caught():
     assert caught.value.module == ""  # the model's own forward: nothing to keep whole instead, so it is an error
 
 
+class LayerScale(nn.Module):
+    """timm's metaformer ``Scale``: a per-channel parameter viewed by a shape the module keeps as a tuple."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.shape = (dim, 1, 1)
+        self.scale = nn.Parameter(torch.linspace(0.5, 2.0, dim))
+
+    def forward(self, x):
+        return x * self.scale.view(self.shape)
+
+
+class MixedConv(nn.Module):
+    """timm's ``MixedConv2d``: the input split by a list of piece sizes, one convolution per piece."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.splits = [4, 4]
+        self.convs = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 4, 5, padding=2, groups=4)])
+
+    def forward(self, x):
+        return torch.cat([c(p) for c, p in zip(self.convs, torch.split(x, self.splits, 1))], 1)
+
+
+def test_tuple_and_list_size_attributes_follow_the_pruned_channels():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), LayerScale(8), nn.ReLU(), MixedConv(), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    x = torch.randn(1, 3, 6, 6)
+    p = plan(model, x, 0.5)
+    sets = {u.name: u.set for u in p.modules}
+    assert sets["1"] == {"shape": [4, 1, 1]} and sets["3"] == {"splits": [2, 2]} and not p.notes
+    keep = _keep(p, "0.weight", 0)
+    assert len(keep) == 4 and sum(k < 4 for k in keep) == 2  # both pieces of the split pruned alike
+    small = _soft_equals_physical(model, x, p)
+    assert small[1].shape == (4, 1, 1) and tuple(small[3].splits) == (2, 2)
+
+
+class RelPosBias(nn.Module):
+    """A relative-position bias table (one column per head) that its attention reads through ``get_bias()``, a
+    method, not ``forward``: the reshape runs inside the attention, by the sizes this child keeps."""
+
+    def __init__(self, tokens: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.bias_shape = heads, (tokens, tokens, heads)
+        self.table = nn.Parameter(torch.randn(2 * tokens - 1, heads))
+        index = torch.arange(tokens)[:, None] - torch.arange(tokens)[None, :] + tokens - 1
+        self.register_buffer("index", index.reshape(-1))
+
+    def get_bias(self):
+        return self.table[self.index].view(self.bias_shape).permute(2, 0, 1)
+
+
+class BiasedAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = 4, 4
+        self.qkv = nn.Linear(8, 3 * 16)
+        self.rel_pos = RelPosBias(5, 4)
+        self.out = nn.Linear(16, 8)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.rel_pos.get_bias())
+        return self.out(y.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_sizes_of_a_child_module_read_through_a_method_follow_the_pruned_heads():
+    torch.manual_seed(0)
+    model, x = BiasedAttention(), torch.randn(1, 5, 8)
+    p = plan(model, x, 0.5)
+    sets = {u.name: u.set for u in p.modules}
+    assert sets[""] == {"num_heads": 2} and sets["rel_pos"] == {"num_heads": 2, "bias_shape": [5, 5, 2]} and not p.notes
+    assert len(_keep(p, "rel_pos.table", 1)) == 2
+    small = _soft_equals_physical(model, x, p)
+    assert small.rel_pos.bias_shape == (5, 5, 2) and small.rel_pos.table.shape == (9, 2)
+
+
+class Recurrent(nn.Module):
+    """Embedding -> recurrent layers -> per-step classifier; ``h0`` passes an initial state made from nothing the
+    model computes."""
+
+    def __init__(self, kind: str = "LSTM", bidirectional: bool = True, layers: int = 2, proj: int = 0,
+                 h0: bool = False) -> None:
+        super().__init__()
+        self.h0 = h0
+        self.embed = nn.Embedding(20, 6)
+        extra = {"proj_size": proj} if proj else {}
+        self.rnn = getattr(nn, kind)(6, 8, num_layers=layers, batch_first=True, bidirectional=bidirectional, **extra)
+        self.head = nn.Linear((proj or 8) * (2 if bidirectional else 1), 3)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        if self.h0:
+            y, _ = self.rnn(x, torch.zeros(self.rnn.num_layers, ids.shape[0], self.rnn.hidden_size))
+        else:
+            y, _ = self.rnn(x)
+        return self.head(y)
+
+
+@pytest.mark.parametrize("kind,bidirectional,layers,proj", [
+    ("LSTM", True, 2, 0), ("GRU", False, 1, 0), ("RNN", True, 3, 0), ("LSTM", True, 2, 4)])
+def test_recurrent_hidden_units_are_pruned_in_every_layer_and_direction(kind, bidirectional, layers, proj):
+    torch.manual_seed(0)
+    model, ids = Recurrent(kind, bidirectional, layers, proj).eval(), torch.randint(0, 20, (2, 7))
+    graph = trace(model, ids)
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[kind]
+    hidden = _group_with(graph, "rnn.weight_hh_l0", 0)
+    members = {("rnn.weight_ih_l0", 0), ("rnn.bias_hh_l0", 0), ("rnn.weight_hr_l0" if proj else "rnn.weight_hh_l0", 1)}
+    assert members <= _members(hidden) and hidden.num_units == 8 and hidden.soft_exact
+    assert ("embed.weight", 1) in _members(_group_with(graph, "rnn.weight_ih_l0", 1))  # the input follows the embedding
+    p = plan(model, ids, 0.5, graph=graph)
+    kept = _keep(p, "rnn.weight_hh_l0", 0)
+    assert len(kept) == 4 * gates and all(kept[g * 4 + i] - kept[i] == g * 8 for g in range(gates) for i in range(4))
+    small = _soft_equals_physical(model, ids, p)  # zeroed rows: constant gates, a state that stays zero
+    assert (small.rnn.input_size, small.rnn.hidden_size, small.rnn.proj_size) == (3, 4, proj // 2)
+    assert count_macs(small, ids).total < count_macs(model, ids).total / 2
+
+
+def test_an_initial_state_from_outside_keeps_the_hidden_units():
+    torch.manual_seed(0)
+    model, ids = Recurrent("GRU", layers=1, bidirectional=False, h0=True).eval(), torch.randint(0, 20, (2, 7))
+    p = plan(model, ids, 0.5)
+    small = p.apply(copy.deepcopy(model))
+    assert small.rnn.hidden_size == 8 and small.rnn.input_size == 3  # the state's width comes from its attribute
+    with torch.no_grad():
+        assert small(ids).shape == (2, 7, 3)
+
+
 class TwoBlocks(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -680,6 +809,50 @@ def test_the_class_kept_whole_is_the_nearest_one_whose_code_is_not_torchs():
     assert _culprit(model, "0.blocks.0.qkv") is HeadsByAttribute  # a Linear fails: the block feeding it is to blame
     assert _culprit(model, "0.blocks") is TwoBlocks  # nn.Sequential is torch's
     assert _culprit(model, "1") is None and _culprit(model, "") is None and _culprit(model, "nope") is None
+
+
+class InputWidthAttention(nn.Module):
+    """timm's EVA / PVT attention: the output is reshaped to ``(B, N, C)`` with ``C`` read from the input, so the
+    attention width must shrink with the input's (no attribute can say so)."""
+
+    def __init__(self, width: int = 12, heads: int = 3) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+class InputWidthBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 12)
+        self.attn = nn.ModuleList([InputWidthAttention(), InputWidthAttention()])
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for a in self.attn:
+            x = x + a(x)
+        return self.head(x)
+
+
+def test_an_attention_reshaped_to_its_input_width_shrinks_with_the_residual_stream():
+    torch.manual_seed(0)
+    model, x = InputWidthBlocks(), torch.randn(1, 5, 4)
+    p = plan(model, x, 0.5)
+    assert len(p.notes) == 1 and "tying the channels that every" in p.notes[0] and "InputWidthAttention" in p.notes[0]
+    # 6 of 12 stream channels and 1 or 2 of 3 heads would not fit B, N, C: the stream goes in whole heads instead
+    stream, heads = _keep(p, "embed.weight", 0), _keep(p, "attn.0.proj.weight", 1)
+    assert stream == heads == _keep(p, "attn.1.proj.weight", 1) and len(stream) in (4, 8)
+    assert all(stream[i] % 4 == 0 and stream[i + 3] == stream[i] + 3 for i in range(0, len(stream), 4))
+    assert [u.set for u in p.modules if u.name in ("attn.0", "attn.1")] == [{"num_heads": len(stream) // 4}] * 2
+    small = _soft_equals_physical(model, x, p)  # no norm over the stream: zeroed channels stay zero
+    assert small.head.in_features == len(stream)
 
 
 class StdConv(nn.Conv2d):

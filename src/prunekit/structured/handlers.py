@@ -276,6 +276,64 @@ class MultiheadAttentionHandler(Handler):
         return "prunekit.MultiheadAttention" if sizes.changed() else None
 
 
+class RNNHandler(Handler):
+    """``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``: hidden units (and an LSTM's projected units).
+
+    One ``hidden_size`` serves every layer and direction (``h_n`` stacks them in one tensor), so hidden unit ``j`` is
+    one prunable unit across all of them: rows ``g * H + j`` of every gate ``g`` in ``weight_ih``/``weight_hh`` and
+    both biases, column ``j`` of ``weight_hh`` (or of ``weight_hr`` with ``proj_size``), the next layer's input
+    columns ``j`` (and ``H + j`` from the reverse direction), the output features and the last dimension of
+    ``h_n``/``c_n``. The first layer's input columns follow the input's features. Zeroing a unit's rows and biases
+    makes its gates constant and its state stay at zero from a zero initial state, so soft pruning equals
+    physical pruning; initial states the caller passes must carry the same units (unlabelled ones freeze them).
+    The fused recurrent kernels cannot be followed op by op, hence ``opaque``."""
+
+    opaque = True
+
+    def trace(self, state: Any, module: nn.Module, name: str, args: tuple, kwargs: dict, output: Any) -> None:
+        gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
+        hidden, proj = module.hidden_size, getattr(module, "proj_size", 0)
+        out_width = proj or hidden
+        directions = 2 if module.bidirectional else 1
+        unit = state.new_atoms(hidden)  # hidden unit j, shared by every layer and direction
+        out_unit = state.new_atoms(proj) if proj else unit
+        state.note(unit, f"hidden units ({name})")
+        params = dict(module.named_parameters(recurse=False))
+        for layer in range(module.num_layers):
+            for d in range(directions):
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                rows = unit.repeat(gates)
+                for key in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    _meet(state, _dim(state, params.get(key + sfx), 0), rows)
+                _meet(state, _dim(state, params[f"weight_hh{sfx}"], 1), out_unit)
+                if proj:
+                    _meet(state, _dim(state, params[f"weight_hr{sfx}"], 0), out_unit)
+                    _meet(state, _dim(state, params[f"weight_hr{sfx}"], 1), unit)
+                cols = _dim(state, params[f"weight_ih{sfx}"], 1)
+                if layer:
+                    _meet(state, cols, out_unit.repeat(directions))
+                else:
+                    x = args[0] if args else kwargs.get("input")
+                    x = x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x
+                    _meet(state, cols, _dim(state, x, x.dim() - 1))
+        given = args[1] if len(args) > 1 else kwargs.get("hx")
+        result, states = output
+        for h0, width in zip(given if isinstance(given, tuple) else (given,), (out_width, hidden)):
+            if isinstance(h0, torch.Tensor):  # (layers * directions, [batch,] width): the same units in every row
+                _meet(state, _dim(state, h0, h0.dim() - 1), out_unit if width == out_width else unit)
+        data = result.data if isinstance(result, nn.utils.rnn.PackedSequence) else result
+        state.set_fields(data, [Field((data.dim() - 1,), out_unit.repeat(directions))])
+        for t, atoms in zip(states if isinstance(states, tuple) else (states,), (out_unit, unit)):
+            state.set_fields(t, [Field((t.dim() - 1,), atoms)])
+
+    def attributes(self, module: nn.Module, sizes: ModuleSizes) -> dict[str, Any]:
+        new = {"input_size": sizes.shape("weight_ih_l0")[1], "hidden_size": sizes.shape("weight_hh_l0")[0]
+               // {"LSTM": 4, "GRU": 3}.get(module.mode, 1)}
+        if getattr(module, "proj_size", 0):
+            new["proj_size"] = sizes.shape("weight_hr_l0")[0]
+        return new
+
+
 def _dim(state: Any, t: torch.Tensor | None, dim: int) -> torch.Tensor | None:
     """Atoms along one dimension of a tensor (a joint field is coupled along its other dimensions), or None."""
     if t is None:
@@ -378,6 +436,7 @@ for _key, _handler in [
     (nn.Embedding, EmbeddingHandler()),
     (nn.PReLU, PReLUHandler()),
     (nn.MultiheadAttention, MultiheadAttentionHandler()),
+    (nn.RNNBase, RNNHandler()),
     ("torchvision.models.vision_transformer.VisionTransformer", VisionTransformerHandler()),
     ("torchvision.models.swin_transformer.ShiftedWindowAttention", ShiftedWindowAttentionHandler()),
     ("transformers.pytorch_utils.Conv1D", HFConv1DHandler()),

@@ -111,7 +111,7 @@ class Plan:
         #: Example inputs the plan was made with (not serialised), used by :meth:`apply` to check the result.
         self.example_inputs: Any = None
         #: Per-operation shapes the pruned model must produce (not serialised), from the trace.
-        self.expected_ops: list[tuple[str, str, list[tuple[int, ...]]]] | None = None
+        self.expected_ops: list[tuple[str, str, list[tuple[int, ...]] | None]] | None = None
         #: Remarks on how the plan was made (targets, criterion fallbacks), shown by ``str(plan)``.
         self.notes: list[str] = []
         #: False if the plan was made with ``verify=False`` (MACs and parameters after are then predicted).
@@ -501,8 +501,10 @@ def _with_fallbacks(model: nn.Module, example_inputs: Any, graph: DependencyGrap
 
     1. those of ``torch.split(x, size)`` whose size no module attribute holds, then of all such splits (the size is
        a constant of the code);
-    2. every module of the class whose code broke (the nearest enclosing module not from ``torch``: an attention
-       block that reshapes its output to its input width, say), up to three classes.
+    2. the class whose code broke (the nearest enclosing module not from ``torch``) with its reshapes to its input's
+       width tied to the input's channels (an attention block that reshapes its output to ``B, N, C``, ``C`` read
+       from its input: its width then shrinks with the residual stream);
+    3. every module of the class whose code broke kept whole, up to three classes.
 
     The plan that works gets a note saying what was kept and why. Returns it and the graph it was made on.
 
@@ -519,7 +521,8 @@ def _with_fallbacks(model: nn.Module, example_inputs: Any, graph: DependencyGrap
     fix = ("register a handler for the module whose attributes() returns the sizes its code reads "
            "(prunekit.structured.register_handler)")
     splits = graph.state.size_splits
-    modes = (["unmatched"] if any(s.attributes for s in splits) and not all(s.attributes for s in splits) else [])
+    modes = (["unmatched"] if any(s.attributes or s.lists for s in splits)
+             and not all(s.attributes or s.lists for s in splits) else [])
     for mode in modes + (["all"] if splits else []):
         fallback = graph.retrace(model, example_inputs, freeze_size_splits=mode)
         try:
@@ -530,6 +533,20 @@ def _with_fallbacks(model: nn.Module, example_inputs: Any, graph: DependencyGrap
         result.notes.append(f"the pruned model broke ({failure}); keeping the channels of torch.split by size "
                             f"({'; '.join(kept)}) mended it. To prune them too, {fix}")
         return result, fallback
+    culprit = _culprit(model, first.module)
+    if culprit is not None:
+        fallback = graph.retrace(model, example_inputs, tie_input_width=[culprit])
+        try:
+            result = make(fallback)
+        except PlanApplyError:
+            pass
+        else:
+            name = f"{culprit.__module__}.{culprit.__qualname__}"
+            result.notes.append(f"the pruned model broke ({failure}); tying the channels that every {name} reshapes "
+                                "to its input's width to that input's channels (they shrink together: an attention "
+                                f"that reshapes to B, N, C with C read from its input) mended it. To prune them apart, "
+                                f"{fix}")
+            return result, fallback
     last, ignored = first, []
     for _ in range(3):
         culprit = _culprit(model, last.module)
@@ -1095,15 +1112,17 @@ def _make_plan(model: nn.Module, graph: DependencyGraph, pruned: Mapping[int, to
     result = Plan(slices, updates, summaries, output_shapes=outputs)
     if slices:
         result.expected_ops = [(op.op, op.module, [graph.shape_after(s, f, pruned_atom) for s, f in
-                                                   zip(op.shapes, op.fields)]) for op in graph.state.ops]
+                                                   zip(op.shapes, op.fields)] if op.checked else None)
+                               for op in graph.state.ops]
     return result
 
 
-def _size_attributes(graph: DependencyGraph, pruned_atom: torch.Tensor) -> dict[str, dict[str, int]]:
+def _size_attributes(graph: DependencyGraph, pruned_atom: torch.Tensor) -> dict[str, dict[str, Any]]:
     """New values of the module attributes that hold sizes the pruning changes: the piece size of a
     ``torch.split(x, size)`` (see :class:`~prunekit.structured.tracer.SizeSplit`; its kept size times the attribute's
-    multiple) and the sizes of reshapes (:class:`~prunekit.structured.tracer.ViewSize`: ``num_heads`` after heads
-    go). An attribute is updated when the dimensions whose size it equals shrink to one new size. Where it also equals
+    multiple, or the list of piece sizes) and the sizes of reshapes (:class:`~prunekit.structured.tracer.ViewSize`:
+    ``num_heads`` after heads go; a tuple attribute equal to the whole target shape, such as a layer scale's
+    ``(dim, 1, 1)``, becomes the new shape). An attribute is updated when the dimensions whose size it equals shrink to one new size. Where it also equals
     a dimension that keeps its size (``num_heads == 3`` beside the literal 3 of q, k, v; ``head_dim == 4`` beside 4
     heads), its name decides: a head count (``*head*`` without ``dim``/``size``) follows the heads, anything else
     stays. Otherwise it is left alone, and the check run names the module if that was wrong."""
@@ -1116,6 +1135,8 @@ def _size_attributes(graph: DependencyGraph, pruned_atom: torch.Tensor) -> dict[
             continue
         for attr, multiple in split.attributes.items():
             changed.setdefault((split.module, attr), set()).add(multiple * kept)
+        for attr in split.lists:
+            changed.setdefault((split.module, attr), set()).add((kept,) * split.grid.shape[0])
     for view in graph.state.view_sizes:
         try:
             new = graph.shape_after(view.shape, view.fields, pruned_atom)
@@ -1124,16 +1145,25 @@ def _size_attributes(graph: DependencyGraph, pruned_atom: torch.Tensor) -> dict[
         for d, attrs in view.attributes.items():
             for attr in attrs:
                 if new[d] != view.shape[d]:
-                    changed.setdefault((view.module, attr), set()).add(new[d])
+                    changed.setdefault(_owner(view.module, attr), set()).add(new[d])
                 else:
-                    stays.add((view.module, attr))
-    out: dict[str, dict[str, int]] = {}
+                    stays.add(_owner(view.module, attr))
+        if new != view.shape:
+            for attr in view.shapes:
+                changed.setdefault(_owner(view.module, attr), set()).add(tuple(new))
+    out: dict[str, dict[str, Any]] = {}
     for (module, attr), values in changed.items():
         name = attr.lower()
         head_count = "head" in name and "dim" not in name and "size" not in name
         if len(values) == 1 and ((module, attr) not in stays or head_count):
             out.setdefault(module, {})[attr] = values.pop()
     return out
+
+
+def _owner(module: str, attr: str) -> tuple[str, str]:
+    """``("blocks.0.attn", "rel_pos.bias_shape")`` -> ``("blocks.0.attn.rel_pos", "bias_shape")``."""
+    child, _, attr = attr.rpartition(".")
+    return (f"{module}.{child}" if module else child) if child else module, attr
 
 
 def _differs(current: Any, value: Any) -> bool:

@@ -294,6 +294,24 @@ def _view(st: TraceState, func: Any, src: torch.Tensor, dst: torch.Tensor) -> No
         new.append(g)
     st.set_fields(dst, st.merge(new))
     _view_size(st, dst)
+    if st.tie_input_width and isinstance(st.stack[-1][1], st.tie_input_width):
+        _tie_input_width(st, dst)
+
+
+def _tie_input_width(st: TraceState, dst: torch.Tensor) -> None:
+    """A reshape whose labelled dimension has the width of the running module's input (``x.reshape(B, N, C)``
+    with ``B, N, C = x.shape``): couple that dimension's channels position by position to the input's, so that
+    both shrink alike (the attention width follows the residual stream)."""
+    call = st.calls.get(st.stack[-1][0])
+    if call is None or not call.inputs:
+        return
+    shape, fields = call.inputs[0]
+    width = next((f.atoms for f in fields if f.dims == (len(shape) - 1,)), None)
+    if width is None:
+        return
+    for f in st.fields(dst):
+        if len(f.dims) == 1 and dst.shape[f.dims[0]] == width.numel() and not torch.equal(f.atoms, width):
+            st.union(f.atoms, width)
 
 
 #: Words in the names of attributes that hold sizes (``num_heads``, ``head_dim``, ``attn_dim``, ``hidden_size``).
@@ -305,6 +323,17 @@ def _int_attributes(module: torch.nn.Module) -> dict[str, int]:
     return {k: v for k, v in vars(module).items() if type(v) is int and not k.startswith("_")}
 
 
+def _from_torch(module: torch.nn.Module) -> bool:
+    return type(module).__module__.split(".")[0] == "torch"
+
+
+def _sequence_attributes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """The public tuple/list-of-integers attributes of a module: where its code may keep a shape or split sizes
+    (``self.shape = (dim, 1, 1)``, ``self.splits = [8, 8]``)."""
+    return {k: tuple(v) for k, v in vars(module).items()
+            if isinstance(v, (tuple, list)) and v and all(type(i) is int for i in v) and not k.startswith("_")}
+
+
 def _view_size(st: TraceState, dst: torch.Tensor) -> None:
     """Record which attributes of the running module could hold the sizes of a reshape's labelled dimensions."""
     from prunekit.structured.tracer import ViewSize
@@ -313,12 +342,18 @@ def _view_size(st: TraceState, dst: torch.Tensor) -> None:
     if not fields:
         return
     name, module = st.stack[-1]
-    sizes = {k: v for k, v in _int_attributes(module).items() if v > 1 and any(w in k.lower() for w in _SIZE_WORDS)}
+    # the running module's attributes, and those of its direct children from outside torch, which it may call
+    # other methods of (``self.rel_pos.get_bias()`` reshapes by ``rel_pos.bias_shape``): named ``child.attr``
+    owners = [("", module)] + [(f"{n}.", c) for n, c in module.named_children() if not _from_torch(c)]
+    sizes = {p + k: v for p, m in owners for k, v in _int_attributes(m).items()
+             if v > 1 and any(w in k.lower() for w in _SIZE_WORDS)}
     dims = {d for f in fields for d in f.dims}
     attrs = {d: [k for k, v in sizes.items() if v == dst.shape[d]] for d in sorted(dims)}
     attrs = {d: ks for d, ks in attrs.items() if ks}
-    if attrs:
-        st.view_sizes.append(ViewSize(name, tuple(dst.shape), list(fields), attrs))
+    shapes = [p + k for p, m in owners for k, v in _sequence_attributes(m).items()
+              if v == tuple(dst.shape) and any(w in k.lower() for w in (*_SIZE_WORDS, "shape"))]
+    if attrs or shapes:
+        st.view_sizes.append(ViewSize(name, tuple(dst.shape), list(fields), attrs, shapes))
 
 
 def _same_positions(before: torch.Tensor, after: torch.Tensor) -> bool:
@@ -437,9 +472,10 @@ def _size_split(st: TraceState, grid: torch.Tensor) -> bool:
     pieces, size = grid.shape
     name, module = st.stack[-1]
     attrs = {k: v // size for k, v in _int_attributes(module).items() if v in (size, size * pieces)}
-    if st.freeze_size_splits == "all" or (st.freeze_size_splits == "unmatched" and not attrs):
+    lists = [k for k, v in _sequence_attributes(module).items() if v == (size,) * pieces]
+    if st.freeze_size_splits == "all" or (st.freeze_size_splits == "unmatched" and not attrs and not lists):
         return False
-    st.size_splits.append(SizeSplit(name, f"split by {st.split_call[1]!r} into {pieces} pieces", grid, attrs))
+    st.size_splits.append(SizeSplit(name, f"split by {st.split_call[1]!r} into {pieces} pieces", grid, attrs, lists))
     return True
 
 

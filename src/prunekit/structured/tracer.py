@@ -44,12 +44,15 @@ class UnsupportedOpError(RuntimeError):
 
 @dataclass
 class OpRecord:
-    """One traced operation: its name, the module that ran it and its tensor outputs (shapes and labels)."""
+    """One traced operation: its name, the module that ran it and its tensor outputs (shapes and labels).
+    ``checked`` is False inside a module an opaque handler labels (its inside may change shape in ways no label
+    shows), so the check run does not compare that operation's shapes."""
 
     op: str
     module: str
     shapes: list[tuple[int, ...]]
     fields: list[list[Field]]
+    checked: bool = True
 
 
 @dataclass
@@ -65,25 +68,30 @@ class SizeSplit:
     """A ``torch.split(x, size)`` whose piece size is a constant of the module's code (pieces pruned alike).
 
     After pruning, the module must split by the new piece size: ``attributes`` are the module's integer attributes
-    that hold the size (``{name: multiple}``, value = multiple x piece size), which the plan updates.
+    that hold the size (``{name: multiple}``, value = multiple x piece size), ``lists`` those that hold the list of
+    piece sizes (``self.splits = [8, 8]``), which the plan updates.
     """
 
     module: str
     call: str
     grid: torch.Tensor  # (pieces, size) atoms
     attributes: dict[str, int]
+    lists: list[str] = field(default_factory=list)
 
 
 @dataclass
 class ViewSize:
     """A reshape inside a module whose target sizes may come from the module's attributes (``num_heads``,
     ``head_dim``, ``attn_dim``): ``attributes`` maps a dimension of the result to the module's integer attributes
-    whose name says they are a size and whose value equals that dimension's size."""
+    whose name says they are a size and whose value equals that dimension's size; ``shapes`` are its tuple
+    attributes equal to the whole target shape (``self.shape = (dim, 1, 1)``, ``self.bias_shape``). Attributes of a
+    direct child module (one not from torch) are named ``child.attr``."""
 
     module: str
     shape: tuple[int, ...]
     fields: list[Field]
     attributes: dict[int, list[str]]
+    shapes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -130,7 +138,7 @@ class TraceState(LabelState):
     """
 
     def __init__(self, model: nn.Module, *, handlers: Any, leaves: set[int], ignored: set[int],
-                 freeze_size_splits: str | None = None) -> None:
+                 freeze_size_splits: str | None = None, tie_input_width: tuple[type, ...] = ()) -> None:
         super().__init__()
         self.model = model
         self.handlers = handlers
@@ -138,6 +146,9 @@ class TraceState(LabelState):
         #: Keep the channels of ``torch.split(x, size)``: ``"unmatched"`` (where no attribute of the module holds the
         #: size) or ``"all"`` (the fallbacks when a pruned split size breaks the model), None (prune them).
         self.freeze_size_splits = freeze_size_splits
+        #: Module classes whose reshapes to their input's width are tied to it (``x.reshape(B, N, C)`` with ``C``
+        #: read from the input: the reshaped channels must shrink as the input's do; a fallback of the plan).
+        self.tie_input_width = tie_input_width
         self.names: dict[int, str] = {}
         self.buffer_names: set[str] = set()
         for name, p in model.named_parameters():
@@ -258,8 +269,9 @@ class TraceState(LabelState):
                 self.unsupported(func, "prunekit has no rule for this operation and its input carries the channels "
                                        f"of {self.origin(self.fields(labelled)[0].atoms)}")
             rule(self, func, args, kwargs, out)
+        checked = not self.opaque_depth or self.leaf_depth > 0
         self.ops.append(OpRecord(str(func), self.stack[-1][0], [tuple(t.shape) for t in outputs],
-                                 [self.labels.get(t) or [] for t in outputs]))
+                                 [self.labels.get(t) or [] for t in outputs], checked))
 
     def pre_hook(self, module: nn.Module, args: tuple) -> None:
         with _disable_current_modes():  # label bookkeeping must not be traced itself
@@ -346,6 +358,7 @@ def run_trace(
     leaves: set[int] = frozenset(),  # type: ignore[assignment]
     ignored: set[int] = frozenset(),  # type: ignore[assignment]
     freeze_size_splits: str | None = None,
+    tie_input_width: tuple[type, ...] = (),
 ) -> TraceState:
     """Run ``model`` once on ``example_inputs`` (eval mode, no grad) and label every tensor it computes.
 
@@ -354,7 +367,7 @@ def run_trace(
     """
     _split_inputs(example_inputs)  # validates the type
     state = TraceState(model, handlers=handlers, leaves=set(leaves), ignored=set(ignored),
-                       freeze_size_splits=freeze_size_splits)
+                       freeze_size_splits=freeze_size_splits, tie_input_width=tie_input_width)
     pre = module_hooks.register_module_forward_pre_hook(state.pre_hook)
     post = module_hooks.register_module_forward_hook(state.post_hook, with_kwargs=True)
     try:
