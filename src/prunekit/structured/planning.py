@@ -1122,10 +1122,11 @@ def _size_attributes(graph: DependencyGraph, pruned_atom: torch.Tensor) -> dict[
     ``torch.split(x, size)`` (see :class:`~prunekit.structured.tracer.SizeSplit`; its kept size times the attribute's
     multiple, or the list of piece sizes) and the sizes of reshapes (:class:`~prunekit.structured.tracer.ViewSize`:
     ``num_heads`` after heads go; a tuple attribute equal to the whole target shape, such as a layer scale's
-    ``(dim, 1, 1)``, becomes the new shape). An attribute is updated when the dimensions whose size it equals shrink to one new size. Where it also equals
-    a dimension that keeps its size (``num_heads == 3`` beside the literal 3 of q, k, v; ``head_dim == 4`` beside 4
-    heads), its name decides: a head count (``*head*`` without ``dim``/``size``) follows the heads, anything else
-    stays. Otherwise it is left alone, and the check run names the module if that was wrong."""
+    ``(dim, 1, 1)``, becomes the new shape). An attribute is updated when the dimensions whose size it equals
+    shrink to one new size. Where it also equals a dimension that keeps its size (``num_heads == 3`` beside the
+    literal 3 of q, k, v; ``head_dim == 4`` beside 4 heads), its name decides: a head count (``*head*`` without
+    ``dim``/``size``) follows the heads, anything else stays. Otherwise it is left alone, and the check run names the
+    module if that was wrong."""
     changed: dict[tuple[str, str], set[int]] = {}
     stays: set[tuple[str, str]] = set()
     for split in graph.state.size_splits:
