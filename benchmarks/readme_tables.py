@@ -902,14 +902,18 @@ def render_timm_coverage(doc: dict[str, Any]) -> tuple[str, list[str]]:
                 two_x[t] += bool(red is not None and red >= 2)
             else:
                 fails[t].append(f"{name} ({str(rec.get('error', '?')).split(':')[0]})")
-    kept = sum(bool(as_dict(r.get("ours")).get("notes")) for r in runs.values())
+    notes = [" ".join(str(n) for n in as_list(as_dict(r.get("ours")).get("notes"))) for r in runs.values()]
+    kept = sum("whole mended" in n or "keeping the channels" in n for n in notes)
+    tied = sum("tying the channels" in n for n in notes)
     rows = [["pruned, runs, output shape kept", *(f"{len(ok[t])} / {len(runs)}" for t in tools)],
             [">= 2x fewer MACs", *(str(two_x[t]) for t in tools)],
             ["fails on", *(", ".join(fails[t]) or "none" for t in tools)]]
     lines = [f"{len(runs)} timm architectures (random weights, 10 classes), half of the channels removed by each tool "
              "with its default importance (L2), each in a process of its own. prunekit's checks also include 0% "
              "pruning output-identical and soft == physical pruning where that holds; "
-             f"{kept} of its plans kept some modules whole to make the pruned model run (said in `plan.notes`). "
+             f"{kept} of its plans kept some modules or channels whole to make the pruned model run, and {tied} tied "
+             "an attention's width to its input's (its heads then go with residual-stream channels); `plan.notes` "
+             "says which and why. "
              "Per model: `benchmarks/results/timm_coverage.md`.", ""]
     lines += md_table(["", *tools.values()], rows)
     return title, lines

@@ -203,8 +203,15 @@ def in_child(tool: str, name: str, size: int, memory_gb: float, timeout: float) 
         out.unlink(missing_ok=True)
 
 
+def _marks(notes: list[str]) -> list[str]:
+    """``*``: the plan kept modules or split channels whole; ``+``: it tied a reshape to its input's width."""
+    return [m for m, words in (("*", ("whole mended", "keeping the channels")), ("+", ("tying the channels",)))
+            if any(w in n for n in notes for w in words)]
+
+
 def summarize(runs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    rows, counts = [], {"models": 0, "ours_ok": 0, "tp_ok": 0, "ours_2x": 0, "tp_2x": 0, "ours_kept_whole": 0}
+    rows, counts = [], {"models": 0, "ours_ok": 0, "tp_ok": 0, "ours_2x": 0, "tp_2x": 0, "ours_kept_whole": 0,
+                        "ours_tied_width": 0}
     for name, r in runs.items():
         counts["models"] += 1
         cells = [name]
@@ -215,15 +222,18 @@ def summarize(runs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             counts[f"{tool}_ok"] += ok
             counts[f"{tool}_2x"] += bool(red and red >= 2)
             if ok:
-                cells.append(f"ok {red:.2f}x" + (" *" if t.get("notes") else ""))
+                cells.append(f"ok {red:.2f}x" + "".join(f" {m}" for m in _marks(t.get("notes") or [])))
             else:
                 cells.append(f"{t['stage']}: {t['error'].split(':')[0]}")
-        counts["ours_kept_whole"] += bool(r["ours"].get("notes"))
+        marks = _marks(r["ours"].get("notes") or [])
+        counts["ours_kept_whole"] += "*" in marks
+        counts["ours_tied_width"] += "+" in marks
         rows.append(cells)
     text = table(rows, ["model", "prunekit (MACs fewer)", "Torch-Pruning 1.6.1 (MACs fewer)"])
     text += (f"\n{counts['ours_ok']}/{counts['models']} models pruned and checked by prunekit "
              f"({counts['ours_2x']} with >= 2x fewer MACs; * = {counts['ours_kept_whole']} plans kept some modules "
-             f"whole to make the pruned model run), {counts['tp_ok']}/{counts['models']} by Torch-Pruning "
+             f"or channels whole to make the pruned model run, + = {counts['ours_tied_width']} tied an attention's "
+             f"width to its input's), {counts['tp_ok']}/{counts['models']} by Torch-Pruning "
              f"({counts['tp_2x']} with >= 2x fewer MACs)")
     return text, counts
 

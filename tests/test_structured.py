@@ -855,6 +855,44 @@ def test_an_attention_reshaped_to_its_input_width_shrinks_with_the_residual_stre
     assert small.head.in_features == len(stream)
 
 
+class OutDimAttention(InputWidthAttention):
+    """As timm's TinyViT attention: the output is reshaped by ``self.out_dim`` (heads x head size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out_dim = 12
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, self.out_dim)
+        return self.proj(y)
+
+
+class WindowBlock(nn.Module):
+    """A block that reshapes its residual stream (as wide as its attention's ``out_dim``) before calling it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = OutDimAttention()
+
+    def forward(self, x):
+        b, n, c = x.shape
+        x = x.reshape(b * n // 5, 5, c)
+        return (x + self.attn(x)).reshape(b, n, c)
+
+
+def test_a_childs_size_is_judged_by_its_own_reshapes_when_its_forward_ran():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 12), WindowBlock(), nn.Linear(12, 3))
+    x = torch.randn(1, 10, 4)
+    p = plan(model, x, 0.5)  # the stream keeps 6 of 12 channels, the attention 1 or 2 of 3 heads
+    heads = len(_keep(p, "1.attn.proj.weight", 1)) // 4
+    assert len(_keep(p, "0.weight", 0)) == 6 and heads in (1, 2) and not p.notes
+    assert {u.name: u.set for u in p.modules}["1.attn"] == {"num_heads": heads, "out_dim": 4 * heads}
+    _soft_equals_physical(model, x, p)
+
+
 class StdConv(nn.Conv2d):
     """Weight standardisation as timm's StdConv2d: batch_norm with batch statistics over each filter's inputs."""
 

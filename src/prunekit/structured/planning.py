@@ -1138,20 +1138,29 @@ def _size_attributes(graph: DependencyGraph, pruned_atom: torch.Tensor) -> dict[
             changed.setdefault((split.module, attr), set()).add(multiple * kept)
         for attr in split.lists:
             changed.setdefault((split.module, attr), set()).add((kept,) * split.grid.shape[0])
+    calls = graph.state.calls
+
+    def owner(module: str, attr: str) -> tuple[str, str] | None:
+        # a child's attribute counts from its parent's reshapes only if the child's own forward never ran (the
+        # parent called another method of it): otherwise its own reshapes speak for it, and a parent's tensor of
+        # the same size (a block's residual stream as wide as its attention) says nothing about it
+        key = _owner(module, attr)
+        return None if "." in attr and key[0] in calls else key
+
     for view in graph.state.view_sizes:
         try:
             new = graph.shape_after(view.shape, view.fields, pruned_atom)
         except ValueError:
             continue
         for d, attrs in view.attributes.items():
-            for attr in attrs:
+            for key in filter(None, (owner(view.module, attr) for attr in attrs)):
                 if new[d] != view.shape[d]:
-                    changed.setdefault(_owner(view.module, attr), set()).add(new[d])
+                    changed.setdefault(key, set()).add(new[d])
                 else:
-                    stays.add(_owner(view.module, attr))
+                    stays.add(key)
         if new != view.shape:
-            for attr in view.shapes:
-                changed.setdefault(_owner(view.module, attr), set()).add(tuple(new))
+            for key in filter(None, (owner(view.module, attr) for attr in view.shapes)):
+                changed.setdefault(key, set()).add(tuple(new))
     out: dict[str, dict[str, Any]] = {}
     for (module, attr), values in changed.items():
         name = attr.lower()
