@@ -293,7 +293,6 @@ class RNNHandler(Handler):
     def trace(self, state: Any, module: nn.Module, name: str, args: tuple, kwargs: dict, output: Any) -> None:
         gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
         hidden, proj = module.hidden_size, getattr(module, "proj_size", 0)
-        out_width = proj or hidden
         directions = 2 if module.bidirectional else 1
         unit = state.new_atoms(hidden)  # hidden unit j, shared by every layer and direction
         out_unit = state.new_atoms(proj) if proj else unit
@@ -313,14 +312,13 @@ class RNNHandler(Handler):
                 if layer:
                     _meet(state, cols, out_unit.repeat(directions))
                 else:
-                    x = args[0] if args else kwargs.get("input")
-                    x = x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x
-                    _meet(state, cols, _dim(state, x, x.dim() - 1))
+                    x = args[0] if args else kwargs.get("input")  # (a PackedSequence made outside: unlabelled)
+                    _meet(state, cols, _dim(state, x, x.dim() - 1) if isinstance(x, torch.Tensor) else None)
         given = args[1] if len(args) > 1 else kwargs.get("hx")
         result, states = output
-        for h0, width in zip(given if isinstance(given, tuple) else (given,), (out_width, hidden)):
+        for h0, atoms in zip(given if isinstance(given, tuple) else (given,), (out_unit, unit)):  # (h_0, c_0)
             if isinstance(h0, torch.Tensor):  # (layers * directions, [batch,] width): the same units in every row
-                _meet(state, _dim(state, h0, h0.dim() - 1), out_unit if width == out_width else unit)
+                _meet(state, _dim(state, h0, h0.dim() - 1), atoms)
         data = result.data if isinstance(result, nn.utils.rnn.PackedSequence) else result
         state.set_fields(data, [Field((data.dim() - 1,), out_unit.repeat(directions))])
         for t, atoms in zip(states if isinstance(states, tuple) else (states,), (out_unit, unit)):
