@@ -781,6 +781,38 @@ def test_an_initial_state_from_outside_keeps_the_hidden_units():
         assert small(ids).shape == (2, 7, 3)
 
 
+class LogitsOnly(nn.Module):
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, tokens):
+        return self.lm(tokens)[0]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_lstm_language_model_loses_hidden_units_and_keeps_running_statefully(tied):
+    from prunekit.models import LSTMLanguageModel
+
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(vocab_size=50, hidden=16, layers=2, tie_weights=tied).eval()
+    tokens = torch.randint(0, 50, (6, 2))
+    # the model returns its (h, c) state, and outputs keep their shapes: the hidden units stay
+    assert "lstm.weight_hh_l0" not in {s.name for s in plan(model, tokens, 0.5).slices}
+    p = plan(LogitsOnly(model), tokens, 0.5)  # judged by its logits alone, it loses half of them
+    small = p.apply(LogitsOnly(copy.deepcopy(model))).lm
+    assert small.lstm.hidden_size == 8 and small.decoder.in_features == 8 and not p.notes
+    assert (small.decoder.weight is small.embedding.weight) == tied
+    with torch.no_grad():  # soft == physical, over two chunks that carry the state across
+        soft = p.apply(LogitsOnly(copy.deepcopy(model)), soft=True).lm
+        state_p, state_s = small.init_state(2), soft.init_state(2)
+        for chunk in tokens.split(3):
+            (a, state_p), (b, state_s) = small(chunk, state_p), soft(chunk, state_s)
+            assert torch.allclose(a, b, atol=1e-5)
+    assert state_p[0].shape == (2, 2, 8)
+    assert count_macs(small, tokens).total < count_macs(model, tokens).total / 2
+
+
 class TwoBlocks(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -339,9 +339,9 @@ class LSTMLanguageModel(nn.Module):
             self.decoder.weight = self.embedding.weight
 
     def init_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero ``(h, c)``, each ``(layers, B, H)``."""
+        """Zero ``(h, c)``, each ``(layers, B, H)``; ``H`` is read from the LSTM, so it follows structured pruning."""
         weight = self.decoder.weight
-        zeros = weight.new_zeros(self.layers, batch_size, self.hidden)
+        zeros = weight.new_zeros(self.lstm.num_layers, batch_size, self.lstm.hidden_size)
         return zeros, zeros.clone()
 
     def forward(self, tokens: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
