@@ -902,9 +902,8 @@ def render_timm_coverage(doc: dict[str, Any]) -> tuple[str, list[str]]:
                 two_x[t] += bool(red is not None and red >= 2)
             else:
                 fails[t].append(f"{name} ({str(rec.get('error', '?')).split(':')[0]})")
-    notes = [" ".join(str(n) for n in as_list(as_dict(r.get("ours")).get("notes"))) for r in runs.values()]
-    kept = sum("whole mended" in n or "keeping the channels" in n for n in notes)
-    tied = sum("tying the channels" in n for n in notes)
+    counts = as_dict(doc.get("summary"))  # timm_coverage.summarize's counts of plans that kept or tied
+    kept, tied = (counts.get(k, NOT_MEASURED) for k in ("ours_kept_whole", "ours_tied_width"))
     rows = [["pruned, runs, output shape kept", *(f"{len(ok[t])} / {len(runs)}" for t in tools)],
             [">= 2x fewer MACs", *(str(two_x[t]) for t in tools)],
             ["fails on", *(", ".join(fails[t]) or "none" for t in tools)]]

@@ -291,7 +291,7 @@ class RNNHandler(Handler):
     opaque = True
 
     def trace(self, state: Any, module: nn.Module, name: str, args: tuple, kwargs: dict, output: Any) -> None:
-        gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
+        gates = _gates(module)
         hidden, proj = module.hidden_size, getattr(module, "proj_size", 0)
         directions = 2 if module.bidirectional else 1
         unit = state.new_atoms(hidden)  # hidden unit j, shared by every layer and direction
@@ -325,11 +325,16 @@ class RNNHandler(Handler):
             state.set_fields(t, [Field((t.dim() - 1,), atoms)])
 
     def attributes(self, module: nn.Module, sizes: ModuleSizes) -> dict[str, Any]:
-        new = {"input_size": sizes.shape("weight_ih_l0")[1], "hidden_size": sizes.shape("weight_hh_l0")[0]
-               // {"LSTM": 4, "GRU": 3}.get(module.mode, 1)}
+        new = {"input_size": sizes.shape("weight_ih_l0")[1],
+               "hidden_size": sizes.shape("weight_hh_l0")[0] // _gates(module)}
         if getattr(module, "proj_size", 0):
             new["proj_size"] = sizes.shape("weight_hr_l0")[0]
         return new
+
+
+def _gates(rnn: nn.Module) -> int:
+    """Rows per hidden unit in a recurrent layer's weights: 4 gates (LSTM), 3 (GRU), 1 (RNN)."""
+    return {"LSTM": 4, "GRU": 3}.get(rnn.mode, 1)
 
 
 def _dim(state: Any, t: torch.Tensor | None, dim: int) -> torch.Tensor | None:

@@ -42,6 +42,7 @@ from prunekit.structured.applying import PlanApplyError, apply_plan, structural_
 from prunekit.structured.budget import Chunk, CostModel, LatencyCostModel, greedy, masks_after, unit_segments
 from prunekit.structured.criteria import GroupCriterion, get_criterion, normalize
 from prunekit.structured.dependency import DependencyGraph, Group, _registry, trace
+from prunekit.structured.rules import _from_torch
 from prunekit.structured.handlers import Handler, HandlerRegistry, ModuleSizes
 from prunekit.structured.latency import Latency, LatencyTarget, layer_times, measure_latency, parse_seconds
 from prunekit.targets import check_sparsity
@@ -521,49 +522,49 @@ def _with_fallbacks(model: nn.Module, example_inputs: Any, graph: DependencyGrap
     fix = ("register a handler for the module whose attributes() returns the sizes its code reads "
            "(prunekit.structured.register_handler)")
     splits = graph.state.size_splits
+
+    def attempt(**retrace: Any) -> tuple[Plan, DependencyGraph] | PlanApplyError:
+        fallback = graph.retrace(model, example_inputs, **retrace)
+        try:
+            return make(fallback), fallback
+        except PlanApplyError as error:
+            return error
+
     modes = (["unmatched"] if any(s.attributes or s.lists for s in splits)
              and not all(s.attributes or s.lists for s in splits) else [])
     for mode in modes + (["all"] if splits else []):
-        fallback = graph.retrace(model, example_inputs, freeze_size_splits=mode)
-        try:
-            result = make(fallback)
-        except PlanApplyError:
-            continue
-        kept = sorted(_described(splits) - _described(fallback.state.size_splits))
-        result.notes.append(f"the pruned model broke ({failure}); keeping the channels of torch.split by size "
-                            f"({'; '.join(kept)}) mended it. To prune them too, {fix}")
-        return result, fallback
+        done = attempt(freeze_size_splits=mode)
+        if isinstance(done, tuple):
+            kept = sorted(_described(splits) - _described(done[1].state.size_splits))
+            done[0].notes.append(f"the pruned model broke ({failure}); keeping the channels of torch.split by size "
+                                 f"({'; '.join(kept)}) mended it. To prune them too, {fix}")
+            return done
     culprit = _culprit(model, first.module)
-    if culprit is not None:
-        fallback = graph.retrace(model, example_inputs, tie_input_width=[culprit])
-        try:
-            result = make(fallback)
-        except PlanApplyError:
-            pass
-        else:
-            name = f"{culprit.__module__}.{culprit.__qualname__}"
-            result.notes.append(f"the pruned model broke ({failure}); tying the channels that every {name} reshapes "
-                                "to its input's width to that input's channels (they shrink together: an attention "
-                                f"that reshapes to B, N, C with C read from its input) mended it. To prune them apart, "
-                                f"{fix}")
-            return result, fallback
+    done = attempt(tie_input_width=[culprit]) if culprit is not None else first
+    if isinstance(done, tuple):
+        done[0].notes.append(f"the pruned model broke ({failure}); tying the channels that every {_qualname(culprit)} "
+                             "reshapes to its input's width to that input's channels (they shrink together: an "
+                             f"attention that reshapes to B, N, C with C read from its input) mended it. To prune them "
+                             f"apart, {fix}")
+        return done
     last, ignored = first, []
-    for _ in range(3):
+    while len(ignored) < 3:
         culprit = _culprit(model, last.module)
         if culprit is None or culprit in ignored:
             break
         ignored.append(culprit)
-        fallback = graph.retrace(model, example_inputs, ignore=ignored)
-        try:
-            result = make(fallback)
-        except PlanApplyError as error:
-            last = error
+        done = attempt(ignore=ignored)
+        if isinstance(done, PlanApplyError):
+            last = done
             continue
-        names = ", ".join(f"{t.__module__}.{t.__qualname__}" for t in ignored)
-        result.notes.append(f"the pruned model broke ({failure}); keeping every {names} whole mended it. To prune "
-                            f"them too, {fix}")
-        return result, fallback
+        done[0].notes.append(f"the pruned model broke ({failure}); keeping every "
+                             f"{', '.join(map(_qualname, ignored))} whole mended it. To prune them too, {fix}")
+        return done
     raise first
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _described(splits: Iterable[Any]) -> set[str]:
@@ -580,7 +581,7 @@ def _culprit(model: nn.Module, name: str | None) -> type | None:
             module = model.get_submodule(".".join(parts))
         except AttributeError:
             return None
-        if not type(module).__module__.startswith("torch."):
+        if not _from_torch(module):
             return type(module)
         parts.pop()
     return None
