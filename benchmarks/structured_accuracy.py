@@ -9,7 +9,10 @@ for the reported numbers):
 
 Protocol, per task:
 
-1. **Dense**: trained once (seed 0; SGD Nesterov, one-cycle; ``--dense-epochs``) and cached.
+1. **Dense**: one model per seed (initialised and trained with that seed; SGD Nesterov, one-cycle;
+   ``--dense-epochs``), cached. Each seed prunes and fine-tunes its own dense model, so the spread over seeds covers
+   *which* units each method removes, not only the fine-tuning noise: with one shared dense model a method that
+   happens to keep one worse neuron is worse on every seed.
 2. **Pruning to 2x fewer MACs** (counted by ``prunekit.flops.count_macs`` on the physically pruned model): every
    method removes the same fraction of every group's units (*uniform* allocation, bisected so that MACs <= 0.5 x
    dense), so the methods differ only in *which* units go. prunekit criteria: ``taylor`` (Molchanov et al. 2017:
@@ -28,12 +31,12 @@ Protocol, per task:
    the validation split from the same grid, with ``l2_kd`` itself: at ``l1``'s 0.05 LeNet-5 diverged).
 3. **Fine-tuning**: the same recipe and budget for everyone (``--ft-epochs``; learning rate chosen on the validation
    split from ``--lrs`` with ``l1``, seed 0, for all but ``l2_kd``; a diverging grid point is recorded, never chosen;
-   weight decay as for dense). Seeds (``--seeds``) change the data order,
-   the calibration batches and the random criterion; the dense model is the same. ``dense_ft`` fine-tunes the dense
-   model with the same budget, as a reference.
+   weight decay as for dense). Seeds (``--seeds``) change the dense model, the data order, the calibration batches
+   and the random criterion. ``dense_ft`` fine-tunes the dense model with the same budget, as a reference.
 
-Reported: test accuracy mean/std over seeds per method, MACs, parameters. Bars (issue 3): the prunekit method with
-the best mean validation accuracy is within 0.5 pt of dense and at least Torch-Pruning's test accuracy. And: does
+Reported: test accuracy mean/std over seeds per method (and of the dense models), MACs, parameters. Bars (issue 3):
+the prunekit method with the best mean validation accuracy is within 0.5 pt of the dense models' mean and at least
+Torch-Pruning's test accuracy (mean over the same seeds). And: does
 Molchanov's finding (Taylor beats weight norms and activation criteria, random is worst) hold here?
 
 Results go to ``benchmarks/results/structured_accuracy[_quick].json`` after every finished run (a rerun skips them),
@@ -94,18 +97,19 @@ def _subset(data: TensorDataset, n: int | None) -> TensorDataset:
     return data if not n else TensorDataset(*(t[:n] for t in data.tensors))
 
 
-def dense_model(task: str, spec: dict[str, Any], train_data: TensorDataset, epochs: int, tag: str) -> nn.Module:
-    """The dense model of ``task``, trained once and cached."""
+def dense_model(task: str, spec: dict[str, Any], train_data: TensorDataset, epochs: int, tag: str,
+                seed: int = 0) -> nn.Module:
+    """The dense model of ``task`` for ``seed``, trained once and cached (seed 0 keeps its original file name)."""
     folder = cache_dir() / "bench" / NAME
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{task}-dense-{epochs}ep{tag}.safetensors"
-    torch.manual_seed(0)
+    path = folder / f"{task}-dense-{epochs}ep{tag}{f'-seed{seed}' if seed else ''}.safetensors"
+    torch.manual_seed(seed)
     model = get_model(spec["model"])
     if path.exists():
         prunekit.load(path, model)
         if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             return model
-    cfg = TrainConfig(epochs=epochs, lr=spec["lr"], weight_decay=spec["weight_decay"], seed=0)
+    cfg = TrainConfig(epochs=epochs, lr=spec["lr"], weight_decay=spec["weight_decay"], seed=seed)
     try:
         train(model, train_data, cfg, progress=False)
     except TrainingDiverged as exc:
@@ -199,8 +203,9 @@ def choose_lr(task: str, method: str, lrs: list[float], ctx: dict[str, Any], arg
 
 
 def run_one(task: str, method: str, seed: int, lr: float, ctx: dict[str, Any], args: argparse.Namespace) -> dict:
+    """Prune ``seed``'s dense model with ``method`` and fine-tune it (``ctx["dense"]`` maps seed -> dense model)."""
     spec = TASKS[task]
-    dense: nn.Module = ctx["dense"]
+    dense: nn.Module = ctx["dense"](seed)
     model = copy.deepcopy(dense)
     calib = calibration(ctx["train"], seed)
     kd = {"distill": 0.9, "temperature": 4.0} if method == "l2_kd" else {}
@@ -223,7 +228,7 @@ def run_one(task: str, method: str, seed: int, lr: float, ctx: dict[str, Any], a
         model = pruner.finalize()
     else:
         torch.manual_seed(seed)
-        model = prune_ours(method, model, ctx["graph"], ctx["sparsity"], calib, seed)
+        model = prune_ours(method, model, ctx["graph"](seed), ctx["sparsity"], calib, seed)
     prune_seconds = time.perf_counter() - t0
     if method != "taylor_gradual":
         torch.manual_seed(seed)
@@ -231,20 +236,28 @@ def run_one(task: str, method: str, seed: int, lr: float, ctx: dict[str, Any], a
     return {"task": task, "method": method, "seed": seed, "lr": lr, "ft_epochs": cfg.epochs,
             "val_accuracy": evaluate(model, ctx["val"]).accuracy, "test_accuracy": evaluate(model, ctx["test"]).accuracy,
             "macs": count_macs(model, X).total, "params": count_params(model), "dense_macs": ctx["dense_macs"],
-            "seconds": time.perf_counter() - t0, "prune_seconds": prune_seconds, **extra}
+            "seconds": time.perf_counter() - t0, "prune_seconds": prune_seconds, "dense_seed": seed, **extra}
+
+
+def current(record: dict[str, Any] | None) -> bool:
+    """True if ``record`` pruned its own seed's dense model (earlier runs all pruned seed 0's)."""
+    return record is not None and record.get("dense_seed", 0) == record.get("seed", 0)
 
 
 def summarize(store: ResultStore) -> tuple[str, dict[str, Any]]:
     runs = [r for r in store.runs.values() if "method" in r]
-    dense = {r["task"]: r for r in store.runs.values() if r.get("kind") == "dense"}
+    dense: dict[str, list[float]] = {}
+    for r in store.runs.values():
+        if r.get("kind") == "dense" and "seed" in r:  # (a record without a seed is the older copy of seed 0's)
+            dense.setdefault(r["task"], []).append(r["test_accuracy"])
     out: dict[str, Any] = {}
     rows = []
     for task in [t for t in TASKS if t in dense]:
         by: dict[str, list[dict[str, Any]]] = {}
         for r in runs:
-            if r["task"] == task and not r.get("grid"):
+            if r["task"] == task and not r.get("grid") and current(r):
                 by.setdefault(r["method"], []).append(r)
-        d = dense[task]["test_accuracy"]
+        d = statistics.fmean(dense[task])
         stats = {}
         for method, rs in by.items():
             accs = [r["test_accuracy"] for r in rs]
@@ -265,7 +278,8 @@ def summarize(store: ResultStore) -> tuple[str, dict[str, Any]]:
                 bars["at_least_torch_pruning"] = ours[best]["mean"] >= stats["tp_l2"]["mean"]
         ranking = sorted((m for m in ("taylor", "l1", "l2", "bn_scale", "apoz", "random") if m in stats),
                          key=lambda m: -stats[m]["mean"])
-        out[task] = {"dense_test_accuracy": d, "methods": stats, "bars": bars, "criteria_ranking": ranking}
+        out[task] = {"dense_test_accuracy": d, "dense_std": statistics.stdev(dense[task]) if len(dense[task]) > 1
+                     else 0.0, "dense_n": len(dense[task]), "methods": stats, "bars": bars, "criteria_ranking": ranking}
     header = ["task", "method", "test acc % (mean ± std)", "seeds", "val acc %", "MACs", "params", "vs dense pt"]
     text = table(rows, header)
     for task, s in out.items():
@@ -336,20 +350,35 @@ def main(argv: list[str] | None = None) -> int:
         test = load_dataset(spec["data"], "test")
         dense_epochs = args.dense_epochs or (1 if args.quick else spec["dense_epochs"])
         ft_epochs = args.ft_epochs or (1 if args.quick else spec["ft_epochs"])
-        t0 = time.perf_counter()
-        dense = dense_model(task, spec, train_data, dense_epochs, "-quick" if args.quick else "")
-        key = f"{task}/dense"
-        if not store.done(key):
-            store.put(key, {"kind": "dense", "task": task, "epochs": dense_epochs,
-                            "test_accuracy": evaluate(dense, test).accuracy, "val_accuracy": evaluate(dense, val).accuracy,
-                            "macs": count_macs(dense, X).total, "params": count_params(dense),
-                            "seconds": time.perf_counter() - t0})
-        print(f"{task}: dense test accuracy {store.runs[key]['test_accuracy']:.4f}", flush=True)
-        graph = trace(dense, X)
-        sparsity = uniform_sparsity(dense, graph, TARGET)
+        models: dict[int, tuple[nn.Module, Any]] = {}
+
+        def dense_of(seed: int, task: str = task, spec: dict[str, Any] = spec, train_data: TensorDataset = train_data,
+                     val: TensorDataset = val, test: TensorDataset = test, dense_epochs: int = dense_epochs,
+                     models: dict[int, tuple[nn.Module, Any]] = models) -> tuple[nn.Module, Any]:
+            """Seed's dense model (trained on first use, then cached) and its traced graph."""
+            if seed not in models:
+                t0 = time.perf_counter()
+                dense = dense_model(task, spec, train_data, dense_epochs, "-quick" if args.quick else "", seed)
+                key = f"{task}/dense/seed={seed}"
+                legacy = store.runs.get(f"{task}/dense")  # seed 0's record from before per-seed dense models
+                if seed == 0 and legacy is not None and not store.done(key):
+                    store.runs[key] = {**legacy, "seed": 0}  # the same model (same file): keep its command and time
+                    store.save()
+                if not store.done(key):
+                    store.put(key, {"kind": "dense", "task": task, "seed": seed, "epochs": dense_epochs,
+                                    "test_accuracy": evaluate(dense, test).accuracy,
+                                    "val_accuracy": evaluate(dense, val).accuracy, "macs": count_macs(dense, X).total,
+                                    "params": count_params(dense), "seconds": time.perf_counter() - t0})
+                print(f"{task}: seed {seed}'s dense test accuracy {store.runs[key]['test_accuracy']:.4f}", flush=True)
+                models[seed] = (dense, trace(dense, X))
+            return models[seed]
+
+        dense, graph = dense_of(0)
+        sparsity = uniform_sparsity(dense, graph, TARGET)  # the same for every seed: it depends on shapes only
         ours_macs = plan(dense, X, sparsity, graph=graph).macs[1]
-        ctx = {"dense": dense, "graph": graph, "sparsity": sparsity, "ours_macs": ours_macs, "train": train_data,
-               "val": val, "test": test, "ft_epochs": ft_epochs, "dense_macs": graph.state.macs}
+        ctx = {"dense": lambda seed: dense_of(seed)[0], "graph": lambda seed: dense_of(seed)[1], "sparsity": sparsity,
+               "ours_macs": ours_macs, "train": train_data, "val": val, "test": test, "ft_epochs": ft_epochs,
+               "dense_macs": graph.state.macs}
         print(f"{task}: uniform sparsity {sparsity:.3f} per group -> {graph.state.macs / ours_macs:.2f}x fewer MACs")
         chosen = {"l1": choose_lr(task, "l1", lrs, ctx, args, store)}  # every method's lr, on val with seed 0
         for method in methods:
@@ -361,11 +390,13 @@ def main(argv: list[str] | None = None) -> int:
             lr = chosen[own]
             for seed in seeds:
                 k = f"{task}/{method}/seed={seed}"
-                if store.done(k):
+                if store.done(k) and current(store.runs[k]):
                     continue
+                dense_of(seed)  # its dense record first, for the log
                 if method == own and seed == 0 and f"{task}/grid/{own}/lr={lr}" in store.runs:
                     record = {**store.runs[f"{task}/grid/{own}/lr={lr}"]}
                     record.pop("grid")
+                    record["dense_seed"] = 0
                 else:
                     record = run_one(task, method, seed, lr, ctx, args)
                 store.put(k, record)
