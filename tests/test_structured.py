@@ -781,6 +781,50 @@ def test_an_initial_state_from_outside_keeps_the_hidden_units():
         assert small(ids).shape == (2, 7, 3)
 
 
+class PackedClassifier(nn.Module):
+    """A padded batch of sequences of different lengths, packed for the recurrent layer; read out from the padded
+    outputs (mean over each sequence's own steps) or from the last layer's final state."""
+
+    def __init__(self, kind: str = "LSTM", readout: str = "padded", sort: bool = False) -> None:
+        super().__init__()
+        self.readout, self.sort = readout, sort
+        self.embed = nn.Embedding(20, 6)
+        self.rnn = getattr(nn, kind)(6, 8, num_layers=2, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, ids, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(ids), lengths, batch_first=True,
+                                                   enforce_sorted=self.sort)
+        y, state = self.rnn(packed)
+        if self.readout == "state":
+            h = state[0] if isinstance(state, tuple) else state
+            return self.head(torch.cat([h[-2], h[-1]], dim=-1))
+        y, lens = nn.utils.rnn.pad_packed_sequence(y, batch_first=True)
+        return self.head(y.sum(1) / lens[:, None].to(y.dtype))
+
+
+@pytest.mark.parametrize("kind,readout,sort", [("LSTM", "padded", False), ("GRU", "state", False),
+                                               ("LSTM", "state", True)])
+def test_packed_sequences_keep_their_features_through_packing_and_padding(kind, readout, sort):
+    torch.manual_seed(0)
+    model = PackedClassifier(kind, readout, sort).eval()
+    ids, lengths = torch.randint(0, 20, (4, 7)), torch.tensor([7, 6, 4, 2])
+    x = (ids, lengths if sort else lengths[[2, 0, 3, 1]])
+    graph = trace(model, x)
+    assert ("embed.weight", 1) in _members(_group_with(graph, "rnn.weight_ih_l0", 1))  # packing keeps the features
+    assert ("head.weight", 1) in _members(_group_with(graph, "rnn.weight_hh_l1", 0))  # so does padding / the state
+    p = plan(model, x, 0.5, graph=graph)
+    phys = p.apply(copy.deepcopy(model))
+    soft = p.apply(copy.deepcopy(model), soft=True)
+    with torch.no_grad():
+        a, b, dense = phys(*x), soft(*x), model(*x)
+        unpruned = plan(model, x, 0.0, graph=graph).apply(copy.deepcopy(model))(*x)
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, dense, atol=1e-3)
+    assert torch.equal(unpruned, dense)
+    assert (phys.rnn.input_size, phys.rnn.hidden_size, phys.head.in_features) == (3, 4, 8)
+    assert count_macs(phys, x).total < count_macs(model, x).total / 2
+
+
 class LogitsOnly(nn.Module):
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()

@@ -312,7 +312,8 @@ class RNNHandler(Handler):
                 if layer:
                     _meet(state, cols, out_unit.repeat(directions))
                 else:
-                    x = args[0] if args else kwargs.get("input")  # (a PackedSequence made outside: unlabelled)
+                    x = args[0] if args else kwargs.get("input")
+                    x = x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x  # (N, features) when packed
                     _meet(state, cols, _dim(state, x, x.dim() - 1) if isinstance(x, torch.Tensor) else None)
         given = args[1] if len(args) > 1 else kwargs.get("hx")
         result, states = output

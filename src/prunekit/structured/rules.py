@@ -6,8 +6,8 @@ state and sets the fields of the outputs. Families:
 * **identity / shape ops** (``view``, ``permute``, ``expand``, ``pixel_shuffle``, ...): labels move with the data.
   Reshapes are computed by running the same operation on the label tensor itself, so index mappings (flatten ->
   Linear, channel shuffle, head splits) are exact.
-* **selection** (``select``, ``slice``, ``split``, ``index``, ``embedding``, ``roll``, ``pad``): a constant index
-  into a labelled dimension freezes it (its meaning would shift after pruning), except that equal splits
+* **selection** (``select``, ``slice``, ``split``, ``index``, ``embedding``, ``roll``, ``pad``, packing): a constant
+  index into a labelled dimension freezes it (its meaning would shift after pruning), except that equal splits
   (``chunk``) and selections along a split dimension couple the pieces so that every piece is pruned alike. A
   ``torch.split(x, size)`` (told from ``chunk`` at the Python level) reads its piece size from the code: the integer
   attributes of the running module that hold it are recorded for the plan to update (CSP, Res2Net, YOLO C2f), and
@@ -506,6 +506,20 @@ def index(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> Non
         else:
             st.freeze(f.atoms)
     st.set_fields(out, new)
+
+
+@_register(_op("_pack_padded_sequence"))
+def pack_padded_sequence(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+    """``(T, B, *F)`` (or ``(B, T, *F)``) -> packed ``data (N, *F)``: the feature dimensions keep their labels; labels
+    along time or batch are frozen (which rows survive packing depends on the lengths, data)."""
+    src = args[0]
+    fields = []
+    for f in st.fields(src):
+        if set(f.dims) & {0, 1}:
+            st.freeze(f.atoms)
+        else:
+            fields.append(f.moved({d: d - 1 for d in f.dims}))
+    st.set_fields(out[0], fields)
 
 
 @_register(aten.embedding)

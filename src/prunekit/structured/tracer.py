@@ -317,10 +317,14 @@ class TraceState(LabelState):
 
 _SIZE_SPLITS = {torch.split, torch.Tensor.split, torch.functional.split}
 _COUNT_SPLITS = {torch.chunk, torch.Tensor.chunk}  # (tensor_split runs as slices, which freeze constant indices)
+#: ``pad_packed_sequence``'s kernel: at the ATen level it is a zero buffer filled through views, which labels cannot
+#: follow, so it is labelled as one operation.
+_PAD_PACKED = getattr(torch._C._VariableFunctions, "_pad_packed_sequence", None)
 
 
 class _PythonSplits(TorchFunctionMode):
-    """Tells ``torch.split(x, size)`` (piece size from the code) from ``torch.chunk(x, n)`` (piece count)."""
+    """Python-level calls the ATen trace cannot tell apart: ``torch.split(x, size)`` (piece size from the code) from
+    ``torch.chunk(x, n)`` (piece count); and ``pad_packed_sequence``, labelled as a whole."""
 
     def __init__(self, state: TraceState) -> None:
         super().__init__()
@@ -328,6 +332,8 @@ class _PythonSplits(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
         kwargs = dict(kwargs or {})
+        if func is _PAD_PACKED and func is not None:
+            return self._pad_packed(func, args, kwargs)
         if func not in _SIZE_SPLITS and func not in _COUNT_SPLITS:
             return func(*args, **kwargs)
         arg = args[1] if len(args) > 1 else next((v for k, v in kwargs.items() if k != "dim"), None)
@@ -336,6 +342,27 @@ class _PythonSplits(TorchFunctionMode):
             return func(*args, **kwargs)
         finally:
             self.state.split_call = outer
+
+    def _pad_packed(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """Packed ``data (N, *F)`` -> padded ``(B, T, *F)`` or ``(T, B, *F)``: the features keep their labels."""
+        state = self.state
+        state.opaque_depth += 1  # its ATen operations are not followed (nor compared by the check run)
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            state.opaque_depth -= 1
+        if state.opaque_depth:
+            return out
+        data = args[0] if args else kwargs["data"]
+        with _disable_current_modes():
+            fields = []
+            for f in state.fields(data):
+                if 0 in f.dims:
+                    state.freeze(f.atoms)  # labels along the packed rows: where they land depends on the lengths
+                else:
+                    fields.append(f.moved({d: d + 1 for d in f.dims}))
+            state.set_fields(out[0], fields)
+        return out
 
 
 class _Mode(TorchDispatchMode):
