@@ -825,6 +825,76 @@ def test_packed_sequences_keep_their_features_through_packing_and_padding(kind, 
     assert count_macs(phys, x).total < count_macs(model, x).total / 2
 
 
+class TinyDetector(nn.Module):
+    """Features -> roi_align per box, written into a zero buffer as torchvision's MultiScaleRoIAlign does -> MLP
+    head; with ``scores``, also the locations whose score is positive (a count the data decides)."""
+
+    def __init__(self, scores: bool = True) -> None:
+        super().__init__()
+        self.scores = scores
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, stride=2)
+        self.fc, self.cls, self.score = nn.Linear(8 * 2 * 2, 16), nn.Linear(16, 3), nn.Conv2d(8, 1, 1)
+
+    def forward(self, x, boxes):
+        from torchvision.ops import roi_align
+
+        f = self.conv2(torch.relu(self.conv1(x)))
+        pooled = torch.zeros(boxes.shape[0], f.shape[1], 2, 2)
+        pooled[torch.arange(boxes.shape[0])] = roi_align(f, [boxes], output_size=2, spatial_scale=0.5)
+        logits = self.cls(torch.relu(self.fc(pooled.flatten(1))))
+        if not self.scores:
+            return logits
+        s = self.score(f).flatten()
+        return logits, s[s > 0]
+
+
+@pytest.mark.parametrize("scores", [False, True])
+def test_roi_features_written_into_a_buffer_keep_their_channels(scores):
+    pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = TinyDetector(scores).eval()
+    x = (torch.randn(1, 3, 16, 16), torch.tensor([[0.0, 0.0, 8.0, 8.0], [4.0, 2.0, 15.0, 12.0], [1.0, 1.0, 3.0, 9.0]]))
+    graph = trace(model, x)
+    assert ("fc.weight", 1) in _members(_group_with(graph, "conv2.weight", 0))  # channel x 2 x 2 columns of fc
+    p = plan(model, x, 0.5, graph=graph)
+    assert len(_keep(p, "conv2.weight", 0)) == 4 and len(_keep(p, "fc.weight", 1)) == 16
+    assert any("depend on the data" in n for n in p.notes) == scores  # the zero buffer alone is not data-sized
+    phys, soft = p.apply(copy.deepcopy(model)), p.apply(copy.deepcopy(model), soft=True)
+    with torch.no_grad():
+        a, b, dense = phys(*x), soft(*x), model(*x)
+    for u, v in zip(*(t if scores else (t,) for t in (a, b))):
+        assert u.shape == v.shape and torch.allclose(u, v, atol=1e-5)
+    assert not torch.allclose(a[0] if scores else a, dense[0] if scores else dense, atol=1e-3)
+
+
+class Deformable(nn.Module):
+    def __init__(self, offset_groups: int = 1) -> None:
+        from torchvision.ops import DeformConv2d
+
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.offset = nn.Conv2d(8, 2 * offset_groups * 9, 3, padding=1)
+        self.dconv = DeformConv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        f = torch.relu(self.conv1(x))
+        return self.head(torch.relu(self.dconv(f, self.offset(f))))
+
+
+@pytest.mark.parametrize("offset_groups", [1, 2])
+def test_deformable_convolution_prunes_channels_and_keeps_its_offsets(offset_groups):
+    pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model, x = Deformable(offset_groups).eval(), torch.randn(1, 3, 10, 10)
+    p = plan(model, x, 0.5)
+    rows = {s.name for s in p.slices if s.dim == 0}
+    assert "offset.weight" not in rows and len(_keep(p, "dconv.weight", 0)) == 4  # one offset pair per kernel place
+    assert ("conv1.weight" in rows) == (offset_groups == 1)  # offset groups split the input channels: kept
+    small = _soft_equals_physical(model, x, p)
+    assert (small.dconv.in_channels, small.dconv.out_channels) == (4 if offset_groups == 1 else 8, 4)
+
+
 class LogitsOnly(nn.Module):
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()

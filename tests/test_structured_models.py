@@ -124,6 +124,37 @@ def test_torchvision_swin_t():
     assert sum(any(r.startswith("uniform") for r in g.rules) for g in p.groups) == 4  # one per stage
 
 
+@pytest.mark.slow
+def test_torchvision_faster_rcnn_detection():
+    """A two-stage detector: backbone, FPN, RPN and the box head through roi_align lose channels; the number of
+    detections depends on the data, so the check compares ranks there (the plan says so)."""
+    det = pytest.importorskip("torchvision.models.detection")
+    torch.manual_seed(0)
+    model = det.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None).eval()
+    images = ([torch.rand(3, 320, 320)],)
+    p = plan(model, images, 0.5)
+    assert any("depend on the data" in n and "nonzero" in n for n in p.notes)
+    assert p.macs[0] >= 2 * p.macs[1]
+    small, soft = p.apply(copy.deepcopy(model)), p.apply(copy.deepcopy(model), soft=True)
+    assert small.roi_heads.box_head.fc6.in_features < model.roi_heads.box_head.fc6.in_features  # FPN channels x 7 x 7
+    x, _ = model.transform(images[0])
+    boxes = [torch.tensor([[10.0, 20.0, 200.0, 220.0], [50.0, 60.0, 120.0, 300.0], [0.0, 0.0, 319.0, 319.0]])]
+
+    def heads(m: nn.Module) -> torch.Tensor:  # RPN and box head outputs on fixed proposals: sizes that stay
+        with torch.no_grad():
+            features = m.backbone(x.tensors)
+            objectness, deltas = m.rpn.head(list(features.values()))
+            pooled = m.roi_heads.box_roi_pool(features, boxes, x.image_sizes)
+            scores, regression = m.roi_heads.box_predictor(m.roi_heads.box_head(pooled))
+            return torch.cat([t.flatten() for t in [*objectness, *deltas, scores, regression]])
+
+    assert torch.allclose(heads(small), heads(soft), atol=1e-4)
+    assert not torch.allclose(heads(small), heads(model), atol=1e-3)
+    with torch.no_grad():
+        out = small(*images)
+    assert set(out[0]) == {"boxes", "labels", "scores"} and out[0]["boxes"].shape[1:] == (4,)
+
+
 def test_transformer_encoder():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(64, nhead=4, dim_feedforward=128, batch_first=True)

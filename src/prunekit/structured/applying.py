@@ -239,6 +239,12 @@ def _output_shapes(model: nn.Module, example_inputs: Any) -> list[tuple[int, ...
     return [tuple(t.shape) for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
 
 
+def _same_shapes(want: list[tuple[int, ...]], got: list[tuple[int, ...]]) -> bool:
+    """``got`` has ``want``'s shapes, where -1 in ``want`` stands for any size (a size that depends on the data)."""
+    return len(want) == len(got) and all(
+        len(w) == len(g) and all(a in (-1, b) for a, b in zip(w, g)) for w, g in zip(want, got))
+
+
 def _verify(plan: Plan, model: nn.Module, example_inputs: Any,
             output_shapes: list[tuple[int, ...]] | None = None) -> int:
     """Run the pruned model; check it runs, keeps its output shapes and produces the shapes the plan predicts.
@@ -283,7 +289,10 @@ def _verify(plan: Plan, model: nn.Module, example_inputs: Any,
         h2.remove()
     got = [tuple(t.shape) for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
     want_shapes = output_shapes if output_shapes is not None else plan.output_shapes
-    if want_shapes is not None and got != [tuple(s) for s in want_shapes]:
+    by_data = plan.output_shapes is not None and any(-1 in s for s in plan.output_shapes)
+    if by_data and want_shapes is not None:  # sizes that depend on the data: compare ranks
+        want_shapes = [tuple(-1 for _ in s) for s in want_shapes]
+    if want_shapes is not None and not _same_shapes([tuple(s) for s in want_shapes], got):
         raise PlanApplyError(f"the pruned model's outputs have shapes {got}, the original's {want_shapes}; the "
                              "model was left unchanged")
     expected = plan.expected_ops if output_shapes is None else None
@@ -293,12 +302,14 @@ def _verify(plan: Plan, model: nn.Module, example_inputs: Any,
     want = [e for e in expected if not _inside(e[1], skip)]
     seen = [e for e in recorder.ops if not _inside(e[1], skip)]
     if [e[0] for e in want] != [e[0] for e in seen]:
+        if by_data:  # detection post-processing: the plan's note says so
+            return macs
         warnings.warn("prunekit.structured: the pruned model ran another sequence of operations than the traced one "
                       "(shape-dependent control flow), so its per-operation shapes were not compared; it runs and its "
                       "outputs have the right shapes", stacklevel=3)
         return macs
     for (op, module, shapes), (_, _, actual) in zip(want, seen):
-        if shapes is not None and [tuple(s) for s in shapes] != actual:  # None: inside an opaque handler's module
+        if shapes is not None and not _same_shapes([tuple(s) for s in shapes], actual):  # None: opaque module
             where = f"module {module!r} ({type(model.get_submodule(module)).__name__})" if module else "the model"
             raise PlanApplyError(
                 f"in the pruned model, {op} in {where} produces shapes {actual} where the plan expects {shapes}: the "

@@ -174,6 +174,15 @@ class ConvHandler(Handler):
         return {"in_channels": new[1] * groups, "out_channels": new[0], "groups": groups}
 
 
+class DeformConvHandler(Handler):
+    """torchvision's ``DeformConv2d``: a convolution's channel and group attributes (its offsets are inputs)."""
+
+    def attributes(self, module: nn.Module, sizes: ModuleSizes) -> dict[str, Any]:
+        new, old = sizes.shape("weight"), sizes.old_shape("weight")
+        groups = module.groups * new[0] // old[0] if module.groups > 1 else 1
+        return {"in_channels": new[1] * groups, "out_channels": new[0], "groups": groups}
+
+
 class NormHandler(Handler):
     """BatchNorm / InstanceNorm (``num_features``)."""
 
@@ -443,6 +452,7 @@ for _key, _handler in [
     (nn.RNNBase, RNNHandler()),
     ("torchvision.models.vision_transformer.VisionTransformer", VisionTransformerHandler()),
     ("torchvision.models.swin_transformer.ShiftedWindowAttention", ShiftedWindowAttentionHandler()),
+    ("torchvision.ops.deform_conv.DeformConv2d", DeformConvHandler()),
     ("transformers.pytorch_utils.Conv1D", HFConv1DHandler()),
     ("transformers.models.gpt2.modeling_gpt2.GPT2Attention", GPT2AttentionHandler()),
 ]:

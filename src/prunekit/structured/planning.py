@@ -44,6 +44,7 @@ from prunekit.structured.criteria import GroupCriterion, get_criterion, normaliz
 from prunekit.structured.dependency import DependencyGraph, Group, _registry, trace
 from prunekit.structured.rules import _from_torch
 from prunekit.structured.handlers import Handler, HandlerRegistry, ModuleSizes
+from prunekit.structured.labels import Field
 from prunekit.structured.latency import Latency, LatencyTarget, layer_times, measure_latency, parse_seconds
 from prunekit.targets import check_sparsity
 
@@ -693,6 +694,10 @@ def _finish(model: nn.Module, example_inputs: Any, graph: DependencyGraph, regis
     result = _make_plan(model, graph, pruned, registry, summaries)
     result.criterion = criterion
     result.notes = list(notes)
+    if graph.state.data_dependent:
+        result.notes.append(f"the model's sizes depend on the data ({graph.state.data_dependent}): the pruned model "
+                            "is checked for its outputs' count and rank and for its channel sizes, not for sizes "
+                            "the data decides (detections, masks)")
     result.example_inputs = example_inputs
     before = (graph.state.macs, count_params(model))
     if result.slices and verify:  # apply to a copy sharing the tensors: checks the plan and counts what remains
@@ -1110,11 +1115,19 @@ def _make_plan(model: nn.Module, graph: DependencyGraph, pruned: Mapping[int, to
             if attrs or replace:
                 updates.append(ModuleUpdate(name, type(module).__name__, _jsonable(attrs), replace))
     outputs = [tuple(t.shape) for t in tree_flatten(graph.state.output)[0] if isinstance(t, torch.Tensor)]
+    by_data = graph.state.data_dependent
+    if by_data:  # output sizes depend on the data: -1 = any size (the check compares ranks and channel sizes)
+        outputs = [tuple(-1 for _ in shape) for shape in outputs]
+
+    def expected(shape: tuple[int, ...], fields: list[Field]) -> tuple[int, ...]:
+        after = graph.shape_after(shape, fields, pruned_atom)
+        labelled = {d for f in fields for d in f.dims}
+        return tuple(n if d in labelled or not by_data else -1 for d, n in enumerate(after))
+
     result = Plan(slices, updates, summaries, output_shapes=outputs)
     if slices:
-        result.expected_ops = [(op.op, op.module, [graph.shape_after(s, f, pruned_atom) for s, f in
-                                                   zip(op.shapes, op.fields)] if op.checked else None)
-                               for op in graph.state.ops]
+        result.expected_ops = [(op.op, op.module, [expected(s, f) for s, f in zip(op.shapes, op.fields)]
+                                if op.checked else None) for op in graph.state.ops]
     return result
 
 

@@ -36,11 +36,13 @@ from prunekit.structured.labels import Field, expand_field, factor
 if TYPE_CHECKING:
     from prunekit.structured.tracer import TraceState
 
-__all__ = ["RULES", "lookup"]
+__all__ = ["NAMED_RULES", "RULES", "lookup"]
 
 aten = torch.ops.aten
 Rule = Callable[["TraceState", Any, tuple, dict, Any], None]
 RULES: dict[Any, Rule] = {}
+#: Rules by qualified operator name, for operators of libraries that register them on import (``torchvision::nms``).
+NAMED_RULES: dict[str, Rule] = {}
 
 
 def _register(*ops: Any) -> Callable[[Rule], Rule]:
@@ -63,8 +65,8 @@ def _op(name: str) -> Any:
 
 
 def lookup(func: Any) -> Rule | None:
-    """The rule for an ATen operator (by overload, then by packet, then pointwise by tag)."""
-    rule = RULES.get(func) or RULES.get(func.overloadpacket)
+    """The rule for an operator (by overload, then by packet, then by qualified name, then pointwise by tag)."""
+    rule = RULES.get(func) or RULES.get(func.overloadpacket) or NAMED_RULES.get(func.name().split(".")[0])
     if rule is None and torch.Tag.pointwise in func.tags:
         rule = pointwise
     return rule
@@ -632,7 +634,38 @@ def pointwise(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) ->
             st.set_fields(t, fields)
 
 
-@_register(aten.index_put, aten.index_put_, aten.scatter, aten.scatter_, aten.scatter_add, aten.scatter_add_,
+@_register(aten.index_put, aten.index_put_, _op("_index_put_impl_"), _op("_unsafe_index_put"))
+def index_put(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+    """``dest[idx] = values`` with index tensors on the leading dimensions: the dimensions after them keep their
+    channels. Values' labels there are coupled with the destination's; an unlabelled destination (a buffer made with
+    ``zeros``, as ``MultiScaleRoIAlign`` does) takes the values' labels, and its record is updated: its size is taken
+    to follow the values' (if it came from a constant instead, the check run breaks and the plan keeps the module
+    whole). Anything indexed, or indices after a full slice, freezes."""
+    dest, indices, values = args[0], list(args[1]), args[2]
+    if any(ix is None for ix in indices) or not isinstance(values, torch.Tensor):
+        return data_dependent(st, func, args, kwargs, out)
+    for ix in indices:
+        st.freeze_fields(st.fields(ix))
+    k = sum(ix.dim() if ix.dtype in (torch.bool, torch.uint8) else 1 for ix in indices)  # leading dims indexed
+    fields = []
+    for f in st.fields(dest):
+        if min(f.dims) < k:
+            st.freeze(f.atoms)
+        else:
+            fields.append(f)
+    labelled = bool(fields)
+    off = dest.dim() - values.dim()
+    for f in st.fields(values):
+        if min(f.dims) + off < k:
+            st.freeze(f.atoms)
+        else:
+            fields.append(Field(tuple(d + off for d in f.dims), f.atoms))
+    if not labelled and fields:
+        st.relabel(dest, fields)  # the buffer was unlabelled: it is labelled from its creation on
+    st.set_fields(out, fields)
+
+
+@_register(aten.scatter, aten.scatter_, aten.scatter_add, aten.scatter_add_,
            aten.scatter_reduce, aten.scatter_reduce_, aten.masked_scatter, aten.slice_scatter, aten.select_scatter,
            aten.index_add, aten.index_add_, aten.index_copy, aten.index_copy_, aten.nonzero, aten.sort, aten.topk,
            aten.argsort, aten.kthvalue, aten.unique_dim, aten._unique2, aten.searchsorted, aten.bucketize)
@@ -759,9 +792,16 @@ def sdpa(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> None
 @_register(aten.convolution, aten._convolution)
 def convolution(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
     bnd = _bind(func, args, kwargs)
-    x, w, bias = bnd["input"], bnd["weight"], bnd["bias"]
-    transposed, groups = bool(bnd["transposed"]), int(bnd["groups"])
+    _conv(st, bnd["input"], bnd["weight"], bnd["bias"], bool(bnd["transposed"]), int(bnd["groups"]), out)
+
+
+def _conv(st: TraceState, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, transposed: bool, groups: int,
+          out: torch.Tensor, frozen_input: bool = False) -> None:
+    """Convolution: input channels meet the weight's input dimension, the output carries its output dimension.
+    ``frozen_input``: the input channels are not prunable (a deformable convolution's offset groups)."""
     lx, rest = _take(st, st.fields(x), 1)
+    if frozen_input and lx is not None:
+        st.freeze(lx)
     st.freeze_fields(rest)  # labels on spatial (or batch) positions cannot meet a kernel
     fw = st.fields(w)
     for f in fw:
@@ -801,6 +841,49 @@ def convolution(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) 
         lb, _ = _take(st, st.fields(bias), 0)
         _meet(st, out_atoms, lb)
     st.set_fields(out, [Field((1,), out_atoms)] if out_atoms is not None else [])
+
+
+# --- torchvision's operators (detection) ----------------------------------------------------------------------------
+
+
+def _roi(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+    """``roi_align`` / ``roi_pool``: features ``(N, C, H, W)`` pooled per box into ``(K, C, h, w)``; the channels pass
+    through, labels on batch or spatial positions and on the boxes are frozen."""
+    lx, rest = _take(st, st.fields(args[0]), 1)
+    st.freeze_fields(rest)
+    for t in _tensors((args[1:], kwargs)):
+        st.freeze_fields(st.fields(t))
+    pooled = out[0] if isinstance(out, (tuple, list)) else out  # (roi_pool also returns its argmax indices)
+    st.set_fields(pooled, [Field((1,), lx)] if lx is not None else [])
+
+
+def _position_sensitive(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+    """``ps_roi_align`` / ``ps_roi_pool``: output channel c reads input channels ``c * h * w ...``, one per bin of the
+    pooled grid: those channels are kept."""
+    for t in _tensors((args, kwargs)):
+        st.freeze_fields(st.fields(t))
+
+
+def _deform_conv2d(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+    """A convolution whose sampling positions come from ``offset`` (and ``mask``): the offsets' channels are laid out
+    per kernel position (kept); with several offset groups the input channels are kept too."""
+    b = _bind(func, args, kwargs)
+    for key in ("offset", "mask"):
+        if isinstance(b[key], torch.Tensor):
+            st.freeze_fields(st.fields(b[key]))
+    _conv(st, b["input"], b["weight"], b["bias"], False, int(b["groups"]), out,
+          frozen_input=int(b["offset_groups"]) > 1)
+
+
+def _boxes_only(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+    """``nms``: boxes and scores in, indices out; nothing prunable passes (labelled inputs are frozen)."""
+    for t in _tensors((args, kwargs)):
+        st.freeze_fields(st.fields(t))
+
+
+NAMED_RULES.update({"torchvision::roi_align": _roi, "torchvision::roi_pool": _roi,
+                    "torchvision::ps_roi_align": _position_sensitive, "torchvision::ps_roi_pool": _position_sensitive,
+                    "torchvision::deform_conv2d": _deform_conv2d, "torchvision::nms": _boxes_only})
 
 
 # --- normalisation ------------------------------------------------------------------------------------------------

@@ -167,6 +167,7 @@ class TraceState(LabelState):
                 for t in list(m.parameters()) + list(m.buffers()):
                     self.frozen_tensors.add(id(t))
         self.labels: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.producer: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> (index in ops, output index)
         self.tensor_atoms: list[TensorAtoms] = []
         self.stack: list[tuple[str, nn.Module]] = [("", model)]
         self.opaque_depth = 0  # inside a leaf or an opaque handler's module: operations are not followed
@@ -181,6 +182,9 @@ class TraceState(LabelState):
         self.split_call: tuple[str, Any] | None = None
         self.size_splits: list[SizeSplit] = []
         self.view_sizes: list[ViewSize] = []
+        #: The first operation whose output size depends on the data (``nonzero``, ``nms``, a boolean mask), with
+        #: where it ran: detection post-processing. The pruned model's sizes then differ in ways no label predicts.
+        self.data_dependent: str | None = None
 
     # --- labels ------------------------------------------------------------------------------------------------
     def fields(self, t: torch.Tensor) -> list[Field]:
@@ -214,6 +218,15 @@ class TraceState(LabelState):
         # a frozen field carries nothing prunable: dropping it keeps its dims unlabelled, which freezes any partner
         # just as coupling to it would; fields sharing dimensions are merged so that every dim has one field
         self.labels[t] = self.merge(keep) if len(keep) > 1 else keep
+
+    def relabel(self, t: torch.Tensor, fields: Sequence[Field]) -> None:
+        """Label an unlabelled tensor after the fact (a buffer that an in-place write fills with channels), including
+        the record of the operation that made it, whose shapes the check run then expects to shrink."""
+        self.set_fields(t, fields)
+        made = self.producer.get(t)
+        if made is not None:
+            record = self.ops[made[0]]
+            record.fields[made[1]] = self.labels.get(t) or []
 
     # --- context -----------------------------------------------------------------------------------------------
     def where(self) -> str:
@@ -255,6 +268,8 @@ class TraceState(LabelState):
     # --- callbacks from the dispatch mode and the module hooks ----------------------------------------------------
     def on_op(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if self.data_dependent is None and _sized_by_data(func, args):
+            self.data_dependent = f"{func} in {self.where()}"
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if self.opaque_depth:
             if self.leaf_depth:
@@ -270,6 +285,9 @@ class TraceState(LabelState):
                                        f"of {self.origin(self.fields(labelled)[0].atoms)}")
             rule(self, func, args, kwargs, out)
         checked = not self.opaque_depth or self.leaf_depth > 0
+        for i, t in enumerate(outputs):
+            if not any(t is x for x in inputs):  # (an in-place op's output is its input: made earlier)
+                self.producer[t] = (len(self.ops), i)
         self.ops.append(OpRecord(str(func), self.stack[-1][0], [tuple(t.shape) for t in outputs],
                                  [self.labels.get(t) or [] for t in outputs], checked))
 
@@ -313,6 +331,21 @@ class TraceState(LabelState):
                 call.outputs = [(tuple(t.shape), self.fields(t)) for t in tree_flatten(output)[0]
                                 if isinstance(t, torch.Tensor)]
         self.stack.pop()
+
+
+_DATA_SIZED = {"aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",
+               "aten::unique_dim_consecutive", "aten::nonzero_static", "torchvision::nms"}
+
+
+def _sized_by_data(func: Any, args: tuple) -> bool:
+    """True if ``func``'s output size depends on its inputs' values (indexing with a boolean mask included)."""
+    name = func.name().split(".")[0]
+    if name in _DATA_SIZED and name != "aten::nonzero_static":
+        return True
+    if name not in ("aten::index", "aten::index_put", "aten::index_put_", "aten::_unsafe_index"):
+        return False
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in indices)
 
 
 _SIZE_SPLITS = {torch.split, torch.Tensor.split, torch.functional.split}
