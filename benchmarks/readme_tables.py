@@ -549,6 +549,14 @@ def render_structured_latency(doc: dict[str, Any]) -> tuple[str, list[str]]:
     return "Structured pruning: MACs and latency", lines
 
 
+def _paired(d: Any) -> str:
+    d = as_dict(d)
+    mean, se, n = d.get("mean"), d.get("se"), d.get("n")
+    if not (is_number(mean) and is_number(se) and is_number(n)):
+        return MISSING
+    return f"{100 * mean:+.2f} ± {100 * se:.2f} pt (n={n})"
+
+
 @renders("structured_accuracy.json")
 def render_structured_accuracy(doc: dict[str, Any]) -> tuple[str, list[str]]:
     summary = {k: v for k, v in as_dict(doc.get("summary")).items() if isinstance(v, dict)}
@@ -557,7 +565,13 @@ def render_structured_accuracy(doc: dict[str, Any]) -> tuple[str, list[str]]:
     for s in summary.values():
         methods += [m for m in as_dict(s.get("methods")) if m not in methods]
     names = {"tp_l2": "Torch-Pruning (L2 magnitude)", "dense_ft": "dense, fine-tuned with the same budget"}
-    rows = [["dense (unpruned)", *(fmt_pct(summary[t].get("dense_test_accuracy")) for t in tasks)]]
+    def dense(t: str) -> str:
+        mean, std, n = (summary[t].get(k) for k in ("dense_test_accuracy", "dense_std", "dense_n"))
+        if is_number(n) and n > 1 and is_number(std) and is_number(mean):
+            return f"{100 * mean:.2f} ± {100 * std:.2f}% (n={n})"
+        return fmt_pct(mean)
+
+    rows = [["dense (unpruned; one per seed)", *(dense(t) for t in tasks)]]
     for m in methods:
         cells = []
         for t in tasks:
@@ -577,6 +591,10 @@ def render_structured_accuracy(doc: dict[str, Any]) -> tuple[str, list[str]]:
     for s in summary.values():
         bar_keys += [k for k in as_dict(s.get("bars")) if k not in bar_keys]
     for key in bar_keys:
+        if key == "minus_tp_paired":
+            rows.append(["that method − Torch-Pruning, paired by seed (mean ± s.e.)",
+                         *(_paired(dig(summary[t], "bars", key)) for t in tasks)])
+            continue
         rows.append([bar_names.get(key, key), *(fmt_status(dig(summary[t], "bars", key, default=MISSING))
                                                for t in tasks)])
     rows.append(["criteria by test accuracy", *(" > ".join(str(c) for c in as_list(summary[t].get("criteria_ranking")))

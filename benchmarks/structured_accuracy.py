@@ -34,9 +34,10 @@ Protocol, per task:
    weight decay as for dense). Seeds (``--seeds``) change the dense model, the data order, the calibration batches
    and the random criterion. ``dense_ft`` fine-tunes the dense model with the same budget, as a reference.
 
-Reported: test accuracy mean/std over seeds per method (and of the dense models), MACs, parameters. Bars (issue 3):
-the prunekit method with the best mean validation accuracy is within 0.5 pt of the dense models' mean and at least
-Torch-Pruning's test accuracy (mean over the same seeds). And: does
+Reported: test accuracy mean/std over seeds per method (and of the dense models), MACs, parameters, and each prunekit
+method's difference to Torch-Pruning paired by seed (mean and standard error: both prune the same dense model, so its
+variance cancels). Bars (issue 3): the prunekit method with the best mean validation accuracy is within 0.5 pt of the
+dense models' mean and at least Torch-Pruning's test accuracy (mean over the same seeds). And: does
 Molchanov's finding (Taylor beats weight norms and activation criteria, random is worst) hold here?
 
 Results go to ``benchmarks/results/structured_accuracy[_quick].json`` after every finished run (a rerun skips them),
@@ -246,10 +247,11 @@ def current(record: dict[str, Any] | None) -> bool:
 
 def summarize(store: ResultStore) -> tuple[str, dict[str, Any]]:
     runs = [r for r in store.runs.values() if "method" in r]
-    dense: dict[str, list[float]] = {}
-    for r in store.runs.values():
-        if r.get("kind") == "dense" and "seed" in r:  # (a record without a seed is the older copy of seed 0's)
-            dense.setdefault(r["task"], []).append(r["test_accuracy"])
+    by_seed: dict[str, dict[int, float]] = {}
+    for r in sorted(store.runs.values(), key=lambda r: "seed" in r):  # a record without a seed: seed 0's, older
+        if r.get("kind") == "dense":
+            by_seed.setdefault(r["task"], {})[r.get("seed", 0)] = r["test_accuracy"]
+    dense = {task: list(accs.values()) for task, accs in by_seed.items()}
     out: dict[str, Any] = {}
     rows = []
     for task in [t for t in TASKS if t in dense]:
@@ -276,6 +278,14 @@ def summarize(store: ResultStore) -> tuple[str, dict[str, Any]]:
             bars["within_0.5pt_of_dense"] = ours[best]["mean"] >= d - 0.005
             if "tp_l2" in stats:
                 bars["at_least_torch_pruning"] = ours[best]["mean"] >= stats["tp_l2"]["mean"]
+                tp = {r["seed"]: r["test_accuracy"] for r in by["tp_l2"]}
+                for method in ours:  # paired by seed (same dense model): the dense model's variance cancels
+                    diffs = [r["test_accuracy"] - tp[r["seed"]] for r in by[method] if r["seed"] in tp]
+                    if len(diffs) > 1:
+                        ours[method]["minus_tp_paired"] = {
+                            "mean": statistics.fmean(diffs), "n": len(diffs),
+                            "se": statistics.stdev(diffs) / len(diffs) ** 0.5}
+                bars["minus_tp_paired"] = ours[best].get("minus_tp_paired")
         ranking = sorted((m for m in ("taylor", "l1", "l2", "bn_scale", "apoz", "random") if m in stats),
                          key=lambda m: -stats[m]["mean"])
         out[task] = {"dense_test_accuracy": d, "dense_std": statistics.stdev(dense[task]) if len(dense[task]) > 1
