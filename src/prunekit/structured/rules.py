@@ -656,7 +656,7 @@ def index_put(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) ->
     labelled = bool(fields)
     off = dest.dim() - values.dim()
     for f in st.fields(values):
-        if min(f.dims) + off < k:
+        if min(f.dims) + off < k or (not labelled and dest._is_view()):  # (a view's base would stay unlabelled)
             st.freeze(f.atoms)
         else:
             fields.append(Field(tuple(d + off for d in f.dims), f.atoms))
