@@ -334,13 +334,13 @@ class TraceState(LabelState):
 
 
 _DATA_SIZED = {"aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",
-               "aten::unique_dim_consecutive", "aten::nonzero_static", "torchvision::nms"}
+               "aten::unique_dim_consecutive", "torchvision::nms"}
 
 
 def _sized_by_data(func: Any, args: tuple) -> bool:
     """True if ``func``'s output size depends on its inputs' values (indexing with a boolean mask included)."""
     name = func.name().split(".")[0]
-    if name in _DATA_SIZED and name != "aten::nonzero_static":
+    if name in _DATA_SIZED:
         return True
     if name not in ("aten::index", "aten::index_put", "aten::index_put_", "aten::_unsafe_index"):
         return False
