@@ -859,9 +859,14 @@ def test_roi_features_written_into_a_buffer_keep_their_channels(scores):
     p = plan(model, x, 0.5, graph=graph)
     assert len(_keep(p, "conv2.weight", 0)) == 4 and len(_keep(p, "fc.weight", 1)) == 16
     assert any("depend on the data" in n for n in p.notes) == scores  # the zero buffer alone is not data-sized
+    if scores:  # any number of detections (-1), also after a JSON round trip
+        assert all(-1 in shape for shape in p.output_shapes)
+        assert Plan.from_json(p.to_json()).output_shapes == p.output_shapes
     phys, soft = p.apply(copy.deepcopy(model)), p.apply(copy.deepcopy(model), soft=True)
+    replayed = Plan.from_json(p.to_json()).apply(copy.deepcopy(model), example_inputs=x)
     with torch.no_grad():
         a, b, dense = phys(*x), soft(*x), model(*x)
+        assert all(torch.equal(u, v) for u, v in zip(*(t if scores else (t,) for t in (a, replayed(*x)))))
     for u, v in zip(*(t if scores else (t,) for t in (a, b))):
         assert u.shape == v.shape and torch.allclose(u, v, atol=1e-5)
     assert not torch.allclose(a[0] if scores else a, dense[0] if scores else dense, atol=1e-3)
