@@ -28,6 +28,8 @@ tv = pytest.importorskip("torchvision.models")
 
 
 def _output(result: Any) -> torch.Tensor:
+    if isinstance(result, dict) and "out" in result:  # torchvision segmentation
+        return result["out"]
     return result.logits if hasattr(result, "logits") else result
 
 
@@ -103,6 +105,29 @@ def test_torchvision_cnn(name):
             if hasattr(block, "layer_scale"):  # initialised to 1e-6: blocks would barely touch the output
                 nn.init.constant_(block.layer_scale, 1.0)
     p = check_coverage(model, _image(64))
+    assert p.macs[0] >= 2 * p.macs[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["deeplabv3_mobilenet_v3_large", "r3d_18"])
+def test_torchvision_segmentation_and_video(name):
+    torch.manual_seed(0)
+    if name == "r3d_18":  # 3-D convolutions over (frames, height, width)
+        from torchvision.models.video import r3d_18
+
+        model, x = r3d_18(), torch.randn(1, 3, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    else:  # atrous convolutions, ASPP with image pooling, upsampled per-pixel logits
+        from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+
+        model, x = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None), _image(64)
+        # with BatchNorm's initial statistics its head's ReLUs are all dead (the logits are the bias alone, which
+        # no pruning changes): take the statistics of a random batch instead
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = None
+        with torch.no_grad():
+            model.train()(torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+    p = check_coverage(model, x)
     assert p.macs[0] >= 2 * p.macs[1]
 
 
