@@ -900,6 +900,32 @@ def test_deformable_convolution_prunes_channels_and_keeps_its_offsets(offset_gro
     assert (small.dconv.in_channels, small.dconv.out_channels) == (4 if offset_groups == 1 else 8, 4)
 
 
+class CosineHead(nn.Module):
+    """Features L2-normalised over their channels (``F.normalize``: ``x / norm.expand_as(x)``) before a linear head;
+    ``literal`` also multiplies them by a scale expanded to a literal width."""
+
+    def __init__(self, literal: bool = False) -> None:
+        super().__init__()
+        self.literal = literal
+        self.conv, self.fc, self.scale = nn.Conv2d(3, 8, 3), nn.Linear(8, 4), nn.Parameter(torch.full((1,), 2.0))
+
+    def forward(self, x):
+        f = F.normalize(self.conv(x).mean((2, 3)), dim=1)
+        return self.fc(f * self.scale.expand(8) if self.literal else f)
+
+
+@pytest.mark.parametrize("literal", [False, True])
+def test_a_broadcast_follows_the_channels_it_meets_unless_its_size_is_a_constant(literal):
+    torch.manual_seed(0)
+    model, x = CosineHead(literal).eval(), torch.randn(2, 3, 8, 8)
+    p = plan(model, x, 0.5)
+    if literal:  # expand(8) cannot shrink: the plan traces again with broadcasts kept, and says so
+        assert p.slices == [] and any("expanded tensor" in n for n in p.notes)
+        return
+    assert len(_keep(p, "conv.weight", 0)) == 4 and len(_keep(p, "fc.weight", 1)) == 4 and not p.notes
+    _soft_equals_physical(model, x, p)  # zeroed channels add nothing to the norm
+
+
 class LogitsOnly(nn.Module):
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()

@@ -501,6 +501,8 @@ def _with_fallbacks(model: nn.Module, example_inputs: Any, graph: DependencyGrap
                     ) -> tuple[Plan, DependencyGraph]:
     """``make(graph)``; if the pruned model breaks in its check run, ``make`` on graphs that keep more channels:
 
+    0. those that meet an expanded tensor (``expand`` to a size that may be a constant of the code), then the
+       fallbacks below on that graph;
     1. those of ``torch.split(x, size)`` whose size no module attribute holds, then of all such splits (the size is
        a constant of the code);
     2. the class whose code broke (the nearest enclosing module not from ``torch``) with its reshapes to its input's
@@ -520,6 +522,13 @@ def _with_fallbacks(model: nn.Module, example_inputs: Any, graph: DependencyGrap
     if not verify:
         raise first
     failure = str(first).split(". ")[0]
+    if graph.state.broadcasts_followed and not graph.state.freeze_broadcasts:
+        # an expand with a literal size: trace again with every broadcast at its traced size, then the fallbacks below
+        conservative = graph.retrace(model, example_inputs, freeze_broadcasts=True)
+        done, used = _with_fallbacks(model, example_inputs, conservative, make, verify=verify)
+        done.notes.append(f"the pruned model broke ({failure}); keeping the channels that meet an expanded tensor "
+                          "(a broadcast whose size may be a constant of the code) mended it")
+        return done, used
     fix = ("register a handler for the module whose attributes() returns the sizes its code reads "
            "(prunekit.structured.register_handler)")
     splits = graph.state.size_splits

@@ -617,6 +617,13 @@ def stack(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> Non
 # --- elementwise --------------------------------------------------------------------------------------------------
 
 
+def _broadcast_shape(t: torch.Tensor) -> tuple[int, ...]:
+    """``t``'s shape with its stride-0 dimensions as 1: an ``expand`` of a size-1 dimension (``expand_as(x)`` in
+    ``F.normalize``) is a broadcast, not data of that size. If its size was a literal instead of following ``x``, the
+    pruned model's check run breaks on it and the plan traces again with ``freeze_broadcasts``."""
+    return tuple(1 if n > 1 and t.stride(d) == 0 else n for d, n in enumerate(t.shape))
+
+
 @_register(aten._prelu_kernel, aten.hardswish, aten.hardswish_, aten.native_dropout, aten.copy_, aten.copy,
            aten.masked_fill_, aten.where, aten.lerp_, aten.addcmul_, aten.addcdiv_, aten.clamp_,
            aten.masked_fill, _op("max.other"), _op("min.other"))
@@ -628,7 +635,17 @@ def pointwise(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) ->
     inputs = _tensors((args, kwargs))
     if func.overloadpacket in (aten.copy_,) and args[0]._is_view() and st.fields(args[1]):
         st.unsupported(func, "an in-place copy of prunable channels into a view of another tensor")
-    fields = st.combine(shape, [(t.shape, st.fields(t)) for t in inputs if t.dim() > 0])
+    fields = st.combine(shape, [(t.shape if st.freeze_broadcasts else _broadcast_shape(t), st.fields(t))
+                                for t in inputs if t.dim() > 0])
+    if not st.freeze_broadcasts:
+        for t in inputs:  # an expanded input follows the channels it meets: its recorded size shrinks with them
+            spread = {d for d in range(t.dim()) if t.shape[d] > 1 and t.stride(d) == 0}
+            if not spread or t.shape != shape or any(t is o for o in outs):
+                continue
+            extra = [f for f in fields if set(f.dims) <= spread]
+            if extra and not any(set(g.dims) & spread for g in st.fields(t)):
+                st.relabel(t, [*st.fields(t), *extra])
+                st.broadcasts_followed += 1
     for t in outs:
         if t.shape == shape:
             st.set_fields(t, fields)

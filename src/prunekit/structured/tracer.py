@@ -138,7 +138,8 @@ class TraceState(LabelState):
     """
 
     def __init__(self, model: nn.Module, *, handlers: Any, leaves: set[int], ignored: set[int],
-                 freeze_size_splits: str | None = None, tie_input_width: tuple[type, ...] = ()) -> None:
+                 freeze_size_splits: str | None = None, tie_input_width: tuple[type, ...] = (),
+                 freeze_broadcasts: bool = False) -> None:
         super().__init__()
         self.model = model
         self.handlers = handlers
@@ -149,6 +150,10 @@ class TraceState(LabelState):
         #: Module classes whose reshapes to their input's width are tied to it (``x.reshape(B, N, C)`` with ``C``
         #: read from the input: the reshaped channels must shrink as the input's do; a fallback of the plan).
         self.tie_input_width = tie_input_width
+        #: An ``expand``ed (stride-0) dimension meeting labelled channels in an elementwise op is a broadcast that
+        #: follows them (``expand_as``) unless this is True (a fallback of the plan: it then keeps those channels).
+        self.freeze_broadcasts = freeze_broadcasts
+        self.broadcasts_followed = 0  # how many expanded tensors were labelled as following their partner
         self.names: dict[int, str] = {}
         self.buffer_names: set[str] = set()
         for name, p in model.named_parameters():
@@ -419,6 +424,7 @@ def run_trace(
     ignored: set[int] = frozenset(),  # type: ignore[assignment]
     freeze_size_splits: str | None = None,
     tie_input_width: tuple[type, ...] = (),
+    freeze_broadcasts: bool = False,
 ) -> TraceState:
     """Run ``model`` once on ``example_inputs`` (eval mode, no grad) and label every tensor it computes.
 
@@ -427,7 +433,8 @@ def run_trace(
     """
     _split_inputs(example_inputs)  # validates the type
     state = TraceState(model, handlers=handlers, leaves=set(leaves), ignored=set(ignored),
-                       freeze_size_splits=freeze_size_splits, tie_input_width=tie_input_width)
+                       freeze_size_splits=freeze_size_splits, tie_input_width=tie_input_width,
+                       freeze_broadcasts=freeze_broadcasts)
     pre = module_hooks.register_module_forward_pre_hook(state.pre_hook)
     post = module_hooks.register_module_forward_hook(state.post_hook, with_kwargs=True)
     try:
