@@ -180,6 +180,15 @@ def test_torchvision_faster_rcnn_detection():
     assert set(out[0]) == {"boxes", "labels", "scores"} and out[0]["boxes"].shape[1:] == (4,)
 
 
+@pytest.mark.slow
+def test_torchvision_swin_v2_t():
+    """Swin V2: cosine attention (F.normalize over the head dimension), a learned per-head logit scale and a qkv bias
+    whose key third its code zeroes by slicing at a third of its size."""
+    torch.manual_seed(0)
+    p = check_coverage(tv.swin_v2_t(), _image(256))
+    assert p.macs[0] >= 3 * p.macs[1] and not p.notes
+
+
 def test_transformer_encoder():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(64, nhead=4, dim_feedforward=128, batch_first=True)

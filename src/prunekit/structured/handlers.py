@@ -102,10 +102,14 @@ class Handler:
             couple its parameters (nothing is coupled otherwise, and its inputs are not frozen).
         attention: ``"heads"`` (prune whole heads, the default) or ``"uniform"`` (prune the same head dimensions in
             every head) for attention computed inside this module.
+        sized_slices: If True, the module's code computes its slice bounds from the sliced tensor's size (``b[n // 3 :
+            2 * n // 3]``), so a slice that is piece i of k equal pieces stays that piece after pruning: the pieces are
+            pruned alike instead of the sliced channels being kept.
     """
 
     opaque: bool = False
     attention: str | None = None
+    sized_slices: bool = False
 
     def trace(self, state: Any, module: nn.Module, name: str, args: tuple, kwargs: dict, output: Any) -> None:
         """Called after the module ran during tracing (its operations already traced unless ``opaque``).
@@ -399,6 +403,7 @@ class ShiftedWindowAttentionHandler(Handler):
     ``h * head_dim + j``."""
 
     attention = "uniform"
+    sized_slices = True  # Swin V2 zeroes the key third of its qkv bias: qkv_bias[n // 3 : 2 * n // 3]
 
     def trace(self, state: Any, module: nn.Module, name: str, args: tuple, kwargs: dict, output: Any) -> None:
         x = args[0]

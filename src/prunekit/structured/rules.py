@@ -403,9 +403,17 @@ def slice_(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> No
     end = n if end is None else (end + n if end < 0 else end)
     start, end = max(0, min(start, n)), max(0, min(end, n))
     full = start == 0 and end >= n and step == 1
+    piece = end - start
+    sized = step == 1 and 0 < piece < n and n % piece == 0 and start % piece == 0 and st.sized_slices()
     fields = []
     for f in st.fields(src):
         if dim in f.dims and not full:
+            if len(f.dims) == 1 and sized:  # piece start/piece of n/piece equal pieces (bounds follow the size)
+                grid = f.atoms.reshape(n // piece, piece)
+                for other in grid[1:]:
+                    st.union(grid[0], other)
+                fields.append(Field(f.dims, grid[start // piece].clone()))
+                continue
             if len(f.dims) == 1:
                 st.freeze(f.atoms)
                 continue
@@ -642,8 +650,9 @@ def pointwise(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) ->
             spread = {d for d in range(t.dim()) if t.shape[d] > 1 and t.stride(d) == 0}
             if not spread or t.shape != shape or any(t is o for o in outs):
                 continue
-            extra = [f for f in fields if set(f.dims) <= spread]
-            if extra and not any(set(g.dims) & spread for g in st.fields(t)):
+            own = {d for g in st.fields(t) for d in g.dims}
+            extra = [f for f in fields if set(f.dims) & spread and set(f.dims) <= spread | own]
+            if extra and not own & spread:
                 st.relabel(t, [*st.fields(t), *extra])
                 st.broadcasts_followed += 1
     for t in outs:
@@ -991,10 +1000,23 @@ def reduction(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) ->
             st.flag(f.atoms, "reduced")
             if not set(f.dims) - reduced:
                 continue  # reduced away entirely: nothing to couple
-            f = st.restrict(f, set(f.dims) - reduced)  # a joint field keeps whole slices along its other dims
+            f = _reduced_joint(st, f, reduced)
         fields.append(f if keepdim else f.moved({d: d - sum(r < d for r in reduced) for d in f.dims}))
     ndim = x.dim() if keepdim else x.dim() - len(reduced)
     _set_all(st, out, fields, ndim)
+
+
+def _reduced_joint(st: TraceState, f: Field, reduced: set[int]) -> Field:
+    """A joint field reduced along some of its dimensions (a norm over the head dimension of ``(heads, d)``): the
+    result gets fresh atoms along the kept dimensions, coupled to the joint's units at the end of the trace if those
+    are constant along the reduced dimensions (whole heads), else left alone (the same head dimensions pruned in
+    every head: each head's reduction just runs over fewer positions)."""
+    kept = [d for d in f.dims if d not in reduced]
+    axes = tuple(f.dims.index(d) for d in kept)
+    fresh = st.new_atoms(int(torch.tensor([f.atoms.shape[a] for a in axes]).prod())).reshape(
+        [f.atoms.shape[a] for a in axes])
+    st.pending.append((fresh, f.atoms, axes))
+    return Field(tuple(kept), fresh)
 
 
 @_register(aten._softmax, aten._log_softmax, aten.softmax, aten.log_softmax, _op("_safe_softmax"), aten.cumsum,

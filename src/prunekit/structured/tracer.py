@@ -246,6 +246,10 @@ class TraceState(LabelState):
                 return handler.attention
         return "heads"
 
+    def sized_slices(self) -> bool:
+        """True if a handler of an enclosing module says its slice bounds follow the sliced tensor's size."""
+        return any(getattr(self.handlers.find(module), "sized_slices", False) for _, module in self.stack)
+
     def origin(self, atoms: torch.Tensor) -> str:
         """Which parameter dimension an atom came from, for messages."""
         atoms = atoms.reshape(-1)
