@@ -1000,17 +1000,20 @@ def reduction(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) ->
             st.flag(f.atoms, "reduced")
             if not set(f.dims) - reduced:
                 continue  # reduced away entirely: nothing to couple
-            f = _reduced_joint(st, f, reduced)
+            # in attention that keeps its heads (a handler's "uniform"), a reduction over the head dimension need not
+            # force whole heads; elsewhere a joint field keeps whole slices along its other dims
+            uniform = st.attention_rule() == "uniform"
+            f = _reduced_joint(st, f, reduced) if uniform else st.restrict(f, set(f.dims) - reduced)
         fields.append(f if keepdim else f.moved({d: d - sum(r < d for r in reduced) for d in f.dims}))
     ndim = x.dim() if keepdim else x.dim() - len(reduced)
     _set_all(st, out, fields, ndim)
 
 
 def _reduced_joint(st: TraceState, f: Field, reduced: set[int]) -> Field:
-    """A joint field reduced along some of its dimensions (a norm over the head dimension of ``(heads, d)``): the
-    result gets fresh atoms along the kept dimensions, coupled to the joint's units at the end of the trace if those
-    are constant along the reduced dimensions (whole heads), else left alone (the same head dimensions pruned in
-    every head: each head's reduction just runs over fewer positions)."""
+    """A joint field reduced along some of its dimensions (a norm over the head dimension of ``(heads, d)`` in
+    attention whose handler prunes the same head dimensions in every head): the result gets fresh atoms along the
+    kept dimensions, coupled to the joint's units at the end of the trace if those are constant along the reduced
+    dimensions, else left alone (each head's reduction just runs over fewer positions)."""
     kept = [d for d in f.dims if d not in reduced]
     axes = tuple(f.dims.index(d) for d in kept)
     fresh = st.new_atoms(int(torch.tensor([f.atoms.shape[a] for a in axes]).prod())).reshape(
