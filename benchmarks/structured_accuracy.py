@@ -119,6 +119,37 @@ def dense_model(task: str, spec: dict[str, Any], train_data: TensorDataset, epoc
     return model
 
 
+class DenseModels:
+    """A task's dense model per seed (trained on first use, cached on disk) with its traced graph; each is recorded
+    in the store as ``<task>/dense/seed=<seed>``."""
+
+    def __init__(self, task: str, spec: dict[str, Any], data: tuple[TensorDataset, TensorDataset, TensorDataset],
+                 epochs: int, tag: str, store: ResultStore) -> None:
+        self.task, self.spec, self.data, self.epochs, self.tag, self.store = task, spec, data, epochs, tag, store
+        self.models: dict[int, tuple[nn.Module, Any]] = {}
+
+    def __call__(self, seed: int) -> tuple[nn.Module, Any]:
+        if seed in self.models:
+            return self.models[seed]
+        task, store, (train_data, val, test) = self.task, self.store, self.data
+        t0 = time.perf_counter()
+        dense = dense_model(task, self.spec, train_data, self.epochs, self.tag, seed)
+        key = f"{task}/dense/seed={seed}"
+        legacy = store.runs.get(f"{task}/dense")  # seed 0's record from before per-seed dense models
+        if seed == 0 and legacy is not None and not store.done(key):
+            store.runs[key] = {**legacy, "seed": 0}  # the same model (same file): keep its command and time
+            store.save()
+        if not store.done(key):
+            store.put(key, {"kind": "dense", "task": task, "seed": seed, "epochs": self.epochs,
+                            "test_accuracy": evaluate(dense, test).accuracy,
+                            "val_accuracy": evaluate(dense, val).accuracy, "macs": count_macs(dense, X).total,
+                            "params": count_params(dense),
+                            "seconds": time.perf_counter() - t0})
+        print(f"{task}: seed {seed}'s dense test accuracy {store.runs[key]['test_accuracy']:.4f}", flush=True)
+        self.models[seed] = (dense, trace(dense, X))
+        return self.models[seed]
+
+
 def calibration(train_data: TensorDataset, seed: int, n: int = 8, size: int = 128) -> list[tuple[Any, Any]]:
     return [b for _, b in zip(range(n), batches(train_data, size, shuffle=True, seed=1000 + seed))]
 
@@ -204,9 +235,9 @@ def choose_lr(task: str, method: str, lrs: list[float], ctx: dict[str, Any], arg
 
 
 def run_one(task: str, method: str, seed: int, lr: float, ctx: dict[str, Any], args: argparse.Namespace) -> dict:
-    """Prune ``seed``'s dense model with ``method`` and fine-tune it (``ctx["dense"]`` maps seed -> dense model)."""
+    """Prune ``seed``'s dense model with ``method`` and fine-tune it (``ctx["dense"]``: the task's DenseModels)."""
     spec = TASKS[task]
-    dense: nn.Module = ctx["dense"](seed)
+    dense, graph = ctx["dense"](seed)
     model = copy.deepcopy(dense)
     calib = calibration(ctx["train"], seed)
     kd = {"distill": 0.9, "temperature": 4.0} if method == "l2_kd" else {}
@@ -229,7 +260,7 @@ def run_one(task: str, method: str, seed: int, lr: float, ctx: dict[str, Any], a
         model = pruner.finalize()
     else:
         torch.manual_seed(seed)
-        model = prune_ours(method, model, ctx["graph"](seed), ctx["sparsity"], calib, seed)
+        model = prune_ours(method, model, graph, ctx["sparsity"], calib, seed)
     prune_seconds = time.perf_counter() - t0
     if method != "taylor_gradual":
         torch.manual_seed(seed)
@@ -360,35 +391,12 @@ def main(argv: list[str] | None = None) -> int:
         test = load_dataset(spec["data"], "test")
         dense_epochs = args.dense_epochs or (1 if args.quick else spec["dense_epochs"])
         ft_epochs = args.ft_epochs or (1 if args.quick else spec["ft_epochs"])
-        models: dict[int, tuple[nn.Module, Any]] = {}
-
-        def dense_of(seed: int, task: str = task, spec: dict[str, Any] = spec, train_data: TensorDataset = train_data,
-                     val: TensorDataset = val, test: TensorDataset = test, dense_epochs: int = dense_epochs,
-                     models: dict[int, tuple[nn.Module, Any]] = models) -> tuple[nn.Module, Any]:
-            """Seed's dense model (trained on first use, then cached) and its traced graph."""
-            if seed not in models:
-                t0 = time.perf_counter()
-                dense = dense_model(task, spec, train_data, dense_epochs, "-quick" if args.quick else "", seed)
-                key = f"{task}/dense/seed={seed}"
-                legacy = store.runs.get(f"{task}/dense")  # seed 0's record from before per-seed dense models
-                if seed == 0 and legacy is not None and not store.done(key):
-                    store.runs[key] = {**legacy, "seed": 0}  # the same model (same file): keep its command and time
-                    store.save()
-                if not store.done(key):
-                    store.put(key, {"kind": "dense", "task": task, "seed": seed, "epochs": dense_epochs,
-                                    "test_accuracy": evaluate(dense, test).accuracy,
-                                    "val_accuracy": evaluate(dense, val).accuracy, "macs": count_macs(dense, X).total,
-                                    "params": count_params(dense), "seconds": time.perf_counter() - t0})
-                print(f"{task}: seed {seed}'s dense test accuracy {store.runs[key]['test_accuracy']:.4f}", flush=True)
-                models[seed] = (dense, trace(dense, X))
-            return models[seed]
-
+        dense_of = DenseModels(task, spec, (train_data, val, test), dense_epochs, "-quick" if args.quick else "", store)
         dense, graph = dense_of(0)
         sparsity = uniform_sparsity(dense, graph, TARGET)  # the same for every seed: it depends on shapes only
         ours_macs = plan(dense, X, sparsity, graph=graph).macs[1]
-        ctx = {"dense": lambda seed: dense_of(seed)[0], "graph": lambda seed: dense_of(seed)[1], "sparsity": sparsity,
-               "ours_macs": ours_macs, "train": train_data, "val": val, "test": test, "ft_epochs": ft_epochs,
-               "dense_macs": graph.state.macs}
+        ctx = {"dense": dense_of, "sparsity": sparsity, "ours_macs": ours_macs, "train": train_data, "val": val,
+               "test": test, "ft_epochs": ft_epochs, "dense_macs": graph.state.macs}
         print(f"{task}: uniform sparsity {sparsity:.3f} per group -> {graph.state.macs / ours_macs:.2f}x fewer MACs")
         chosen = {"l1": choose_lr(task, "l1", lrs, ctx, args, store)}  # every method's lr, on val with seed 0
         for method in methods:

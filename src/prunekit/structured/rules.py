@@ -25,6 +25,8 @@ carries labels.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -64,9 +66,15 @@ def _op(name: str) -> Any:
     return getattr(p, overload, None)
 
 
+@functools.cache
+def op_name(func: Any) -> str:
+    """An operator's qualified name without its overload (``"torchvision::nms"``); the trace asks once per operator."""
+    return func.name().split(".")[0]
+
+
 def lookup(func: Any) -> Rule | None:
     """The rule for an operator (by overload, then by packet, then by qualified name, then pointwise by tag)."""
-    rule = RULES.get(func) or RULES.get(func.overloadpacket) or NAMED_RULES.get(func.name().split(".")[0])
+    rule = RULES.get(func) or RULES.get(func.overloadpacket) or NAMED_RULES.get(op_name(func))
     if rule is None and torch.Tag.pointwise in func.tags:
         rule = pointwise
     return rule
@@ -518,18 +526,23 @@ def index(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> Non
     st.set_fields(out, new)
 
 
-@_register(_op("_pack_padded_sequence"))
-def pack_padded_sequence(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
-    """``(T, B, *F)`` (or ``(B, T, *F)``) -> packed ``data (N, *F)``: the feature dimensions keep their labels; labels
-    along time or batch are frozen (which rows survive packing depends on the lengths, data)."""
-    src = args[0]
+def packed_features(st: TraceState, t: torch.Tensor, rows: int, shift: int) -> list[Field]:
+    """Fields of ``t``'s feature dimensions (those after its first ``rows``), moved by ``shift`` dimensions; labels on
+    the row dimensions (time, batch, packed steps) are frozen: which row goes where depends on the lengths (data).
+    For packing (``(T, B, *F)`` -> ``(N, *F)``: rows 2, shift -1) and padding (rows 1, shift +1)."""
     fields = []
-    for f in st.fields(src):
-        if set(f.dims) & {0, 1}:
+    for f in st.fields(t):
+        if min(f.dims) < rows:
             st.freeze(f.atoms)
         else:
-            fields.append(f.moved({d: d - 1 for d in f.dims}))
-    st.set_fields(out[0], fields)
+            fields.append(f.moved({d: d + shift for d in f.dims}))
+    return fields
+
+
+@_register(_op("_pack_padded_sequence"))
+def pack_padded_sequence(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+    """``(T, B, *F)`` (or ``(B, T, *F)``) -> packed ``data (N, *F)``: the feature dimensions keep their labels."""
+    st.set_fields(out[0], packed_features(st, args[0], rows=2, shift=-1))
 
 
 @_register(aten.embedding)
@@ -883,13 +896,6 @@ def _roi(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> None
     st.set_fields(pooled, [Field((1,), lx)] if lx is not None else [])
 
 
-def _position_sensitive(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
-    """``ps_roi_align`` / ``ps_roi_pool``: output channel c reads input channels ``c * h * w ...``, one per bin of the
-    pooled grid: those channels are kept."""
-    for t in _tensors((args, kwargs)):
-        st.freeze_fields(st.fields(t))
-
-
 def _deform_conv2d(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
     """A convolution whose sampling positions come from ``offset`` (and ``mask``): the offsets' channels are laid out
     per kernel position (kept); with several offset groups the input channels are kept too."""
@@ -901,15 +907,11 @@ def _deform_conv2d(st: TraceState, func: Any, args: tuple, kwargs: dict, out: An
           frozen_input=int(b["offset_groups"]) > 1)
 
 
-def _boxes_only(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
-    """``nms``: boxes and scores in, indices out; nothing prunable passes (labelled inputs are frozen)."""
-    for t in _tensors((args, kwargs)):
-        st.freeze_fields(st.fields(t))
-
-
+# ``nms`` (boxes and scores in, indices out) and the position-sensitive ``ps_roi_*`` (output channel c reads input
+# channels c * h * w ..., one per bin of the pooled grid) keep every labelled input, as ``data_dependent`` does
 NAMED_RULES.update({"torchvision::roi_align": _roi, "torchvision::roi_pool": _roi,
-                    "torchvision::ps_roi_align": _position_sensitive, "torchvision::ps_roi_pool": _position_sensitive,
-                    "torchvision::deform_conv2d": _deform_conv2d, "torchvision::nms": _boxes_only})
+                    "torchvision::ps_roi_align": data_dependent, "torchvision::ps_roi_pool": data_dependent,
+                    "torchvision::deform_conv2d": _deform_conv2d, "torchvision::nms": data_dependent})
 
 
 # --- normalisation ------------------------------------------------------------------------------------------------
@@ -1016,8 +1018,8 @@ def _reduced_joint(st: TraceState, f: Field, reduced: set[int]) -> Field:
     dimensions, else left alone (each head's reduction just runs over fewer positions)."""
     kept = [d for d in f.dims if d not in reduced]
     axes = tuple(f.dims.index(d) for d in kept)
-    fresh = st.new_atoms(int(torch.tensor([f.atoms.shape[a] for a in axes]).prod())).reshape(
-        [f.atoms.shape[a] for a in axes])
+    shape = [f.atoms.shape[a] for a in axes]
+    fresh = st.new_atoms(math.prod(shape)).reshape(shape)
     st.pending.append((fresh, f.atoms, axes))
     return Field(tuple(kept), fresh)
 

@@ -32,7 +32,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from prunekit.flops import _split_inputs, count_macs
 from prunekit.structured.labels import Field, LabelState
-from prunekit.structured.rules import lookup
+from prunekit.structured.rules import lookup, op_name, packed_features
 
 __all__ = ["ModuleCall", "OpRecord", "SizeSplit", "TraceState", "UnsupportedOpError", "ViewSize", "resolve_modules",
            "run_trace"]
@@ -348,7 +348,7 @@ _DATA_SIZED = {"aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::
 
 def _sized_by_data(func: Any, args: tuple) -> bool:
     """True if ``func``'s output size depends on its inputs' values (indexing with a boolean mask included)."""
-    name = func.name().split(".")[0]
+    name = op_name(func)
     if name in _DATA_SIZED:
         return True
     if name not in ("aten::index", "aten::index_put", "aten::index_put_", "aten::_unsafe_index"):
@@ -374,7 +374,7 @@ class _PythonSplits(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
         kwargs = dict(kwargs or {})
-        if func is _PAD_PACKED and func is not None:
+        if func is _PAD_PACKED:
             return self._pad_packed(func, args, kwargs)
         if func not in _SIZE_SPLITS and func not in _COUNT_SPLITS:
             return func(*args, **kwargs)
@@ -397,13 +397,7 @@ class _PythonSplits(TorchFunctionMode):
             return out
         data = args[0] if args else kwargs["data"]
         with _disable_current_modes():
-            fields = []
-            for f in state.fields(data):
-                if 0 in f.dims:
-                    state.freeze(f.atoms)  # labels along the packed rows: where they land depends on the lengths
-                else:
-                    fields.append(f.moved({d: d + 1 for d in f.dims}))
-            state.set_fields(out[0], fields)
+            state.set_fields(out[0], packed_features(state, data, rows=1, shift=1))
         return out
 
 
