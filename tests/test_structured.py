@@ -301,6 +301,42 @@ def test_tied_weights_are_pruned_once_and_stay_tied():
     assert small.embed.embedding_dim == 4
 
 
+class Correlation(nn.Module):
+    """RAFT's correlation volume: two images' features contracted over the channels, then scaled."""
+
+    def __init__(self, scale: str) -> None:
+        super().__init__()
+        self.features, self.head, self.scale = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(16, 2, 1), scale
+
+    def forward(self, a, b):
+        f1, f2 = self.features(a), self.features(b)
+        n, c, h, w = f1.shape
+        corr = torch.matmul(f1.view(n, c, h * w).transpose(1, 2), f2.view(n, c, h * w)).view(n, h * w, h, w)
+        if self.scale == "tensor":  # torchvision's RAFT: the channel count read from the shape, as a tensor
+            corr = corr / torch.sqrt(torch.tensor(c))
+        elif self.scale == "python":  # attention code's q.size(-1) ** -0.5
+            corr = corr * c**-0.5
+        else:  # a constant of the module (the dense channel count): pruning leaves it as it is
+            corr = corr * 8**-0.5
+        return self.head(corr)
+
+
+@pytest.mark.parametrize("scale", ["tensor", "python", "constant"])
+def test_contraction_scaled_by_its_size_is_not_soft_exact(scale):
+    torch.manual_seed(0)
+    model = Correlation(scale)
+    x = (torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4))
+    graph = trace(model, x)
+    (features,) = [g for g in graph.groups if any(m.name == "features.weight" for m in g.members)]
+    p = plan(model, x, 0.5, graph=graph)
+    phys, soft = p.apply(copy.deepcopy(model)), p.apply(copy.deepcopy(model), soft=True)
+    with torch.no_grad():
+        same = torch.allclose(phys(*x), soft(*x), atol=1e-5)
+    # a factor read from the shape changes with physical pruning, a constant does not; in the trace both are the same
+    # number, so a constant equal to the channel count is flagged too (soft_exact errs on the safe side)
+    assert not features.soft_exact and same == (scale == "constant")
+
+
 def test_layernorm_group_matches_its_own_smaller_definition():
     """Soft pruning cannot match here (LayerNorm normalises over the pruned channels): compare the physically
     pruned model with the same architecture built at the smaller width."""

@@ -707,6 +707,11 @@ def _finish(model: nn.Module, example_inputs: Any, graph: DependencyGraph, regis
         result.notes.append(f"the model's sizes depend on the data ({graph.state.data_dependent}): the pruned model "
                             "is checked for its outputs' count and rank and for its channel sizes, not for sizes "
                             "the data decides (detections, masks)")
+    if graph.state.unexercised:
+        where = ", ".join(repr(m or "<model>") for m in graph.state.unexercised)
+        result.notes.append(f"kept the channels that {where} produced on no data (an empty batch, e.g. no "
+                            "detections) and that nothing read: what uses them did not run in the trace. Trace with "
+                            "inputs that exercise that path (a trained model on a real image) to prune them")
     result.example_inputs = example_inputs
     before = (graph.state.macs, count_params(model))
     if result.slices and verify:  # apply to a copy sharing the tensors: checks the plan and counts what remains

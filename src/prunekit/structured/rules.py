@@ -809,6 +809,8 @@ def sdpa(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> None
     lq, fq = _take(st, fq, nb + 1)
     lk, fk = _take(st, fk, nb + 1)
     _meet(st, lq, lk)
+    if bnd.get("scale") is None and (lq is not None or lk is not None):  # the default 1/sqrt(E) reads q's size
+        st.flag(lq if lq is not None else lk, "scaled by its size")
     sk, fk = _take(st, fk, nb)
     sv, fv = _take(st, fv, nb)
     _meet(st, sk, sv)

@@ -190,6 +190,12 @@ class TraceState(LabelState):
         #: The first operation whose output size depends on the data (``nonzero``, ``nms``, a boolean mask), with
         #: where it ran: detection post-processing. The pruned model's sizes then differ in ways no label predicts.
         self.data_dependent: str | None = None
+        #: Results of activation contractions (``mm``/``bmm``, and views of them) -> (contracted atoms, their count),
+        #: to catch a later scaling by that count (see :func:`_scaled_by_size`).
+        self.contracted: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.consumed: set[tuple[int, int]] = set()  # (op index, output index) of every op output read by an op
+        #: Modules whose labelled outputs held no data and went nowhere the trace could see (see :meth:`freeze_unexercised`)
+        self.unexercised: list[str] = []
 
     # --- labels ------------------------------------------------------------------------------------------------
     def fields(self, t: torch.Tensor) -> list[Field]:
@@ -277,6 +283,10 @@ class TraceState(LabelState):
     # --- callbacks from the dispatch mode and the module hooks ----------------------------------------------------
     def on_op(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        for t in inputs:
+            made = self.producer.get(t)
+            if made is not None:
+                self.consumed.add(made)
         if self.data_dependent is None and _sized_by_data(func, args):
             self.data_dependent = f"{func} in {self.where()}"
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
@@ -293,12 +303,30 @@ class TraceState(LabelState):
                 self.unsupported(func, "prunekit has no rule for this operation and its input carries the channels "
                                        f"of {self.origin(self.fields(labelled)[0].atoms)}")
             rule(self, func, args, kwargs, out)
+        if not self.opaque_depth:
+            _scaled_by_size(self, func, args, inputs, outputs)
         checked = not self.opaque_depth or self.leaf_depth > 0
         for i, t in enumerate(outputs):
             if not any(t is x for x in inputs):  # (an in-place op's output is its input: made earlier)
                 self.producer[t] = (len(self.ops), i)
         self.ops.append(OpRecord(str(func), self.stack[-1][0], [tuple(t.shape) for t in outputs],
                                  [self.labels.get(t) or [] for t in outputs], checked))
+
+    def freeze_unexercised(self) -> None:
+        """Freeze channels carried by a tensor that holds no data (a zero-size batch) and that no operation read.
+
+        A detector with no detections runs its per-detection heads on empty batches, and the code after them
+        (torchvision's keypoint decoding loops over the detections and sizes its buffers from ``heatmaps.shape``)
+        never touches the channels, so nothing in the trace ties them to the outputs they size. Pruning them would
+        change the output (17 keypoints -> 8); keeping them is the only safe plan.
+        """
+        outputs = {self.producer.get(t) for t in tree_flatten(self.output)[0] if isinstance(t, torch.Tensor)}
+        for i, rec in enumerate(self.ops):
+            for j, (shape, fields) in enumerate(zip(rec.shapes, rec.fields)):
+                if fields and 0 in shape and (i, j) not in self.consumed and (i, j) not in outputs:
+                    self.freeze_fields(fields)
+                    if rec.module not in self.unexercised:
+                        self.unexercised.append(rec.module)
 
     def pre_hook(self, module: nn.Module, args: tuple) -> None:
         with _disable_current_modes():  # label bookkeeping must not be traced itself
@@ -355,6 +383,46 @@ def _sized_by_data(func: Any, args: tuple) -> bool:
         return False
     indices = args[1] if len(args) > 1 else ()
     return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in indices)
+
+
+_aten = torch.ops.aten
+_CONTRACTED = {_aten.mm: (1, 0), _aten.bmm: (2, 1)}  # the contracted dimension of each operand
+_SCALINGS = {_aten.mul, _aten.div}
+_CARRIERS = {_aten.view, _aten._unsafe_view, _aten.reshape, _aten._reshape_alias, _aten.transpose, _aten.permute,
+             _aten.t, _aten.expand, _aten.clone, _aten.contiguous, _aten.alias, _aten.squeeze, _aten.unsqueeze}
+
+
+def _scaled_by_size(state: TraceState, func: Any, args: tuple, inputs: list[torch.Tensor],
+                    outputs: list[torch.Tensor]) -> None:
+    """Flag channels whose contraction is scaled by their count, read from the shape at run time.
+
+    RAFT divides its correlation volume ``f1^T f2`` by ``sqrt(C)`` with ``C = f1.shape[1]``; attention code often
+    multiplies ``q @ k^T`` by ``q.size(-1) ** -0.5``. Pruning those channels physically changes the factor, zeroing
+    them does not, so the soft-pruned model is not the physical one there (``Group.soft_exact`` is False). Seen as:
+    the result of an ``mm``/``bmm`` over labelled channels (or a view of it) multiplied or divided by a number equal
+    to C, sqrt(C), 1/sqrt(C) or 1/C. A constant of the code that equals one of them (``self.scale = 8 ** -0.5``) is
+    the same number here and is flagged too: the flag errs on the safe side. (Scaled-dot-product attention's default
+    scale is flagged by its rule.)
+    """
+    packet = getattr(func, "overloadpacket", None)
+    if packet in _CONTRACTED and len(outputs) == 1 and len(args) >= 2:
+        for t, dim in zip(args[:2], _CONTRACTED[packet]):
+            found = next((f.atoms for f in (state.labels.get(t) or []) if f.dims == (dim,)), None)
+            if isinstance(t, torch.Tensor) and found is not None:
+                state.contracted[outputs[0]] = (found, int(t.shape[dim]))
+                return
+        return
+    source = next((state.contracted[t] for t in inputs if t in state.contracted), None)
+    if source is None:
+        return
+    if packet in _SCALINGS:
+        atoms, size = source
+        numbers = [float(a) for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        numbers += [float(t.item()) for t in inputs if t.dim() == 0 and t not in state.contracted]
+        if any(abs(v - x) <= 1e-3 * x for v in numbers for x in (size, size**0.5, size**-0.5, 1.0 / size)):
+            state.flag(atoms, "scaled by its size")
+    elif packet in _CARRIERS and len(outputs) == 1:
+        state.contracted[outputs[0]] = source
 
 
 _SIZE_SPLITS = {torch.split, torch.Tensor.split, torch.functional.split}
@@ -447,4 +515,5 @@ def run_trace(
     for t in tree_flatten(output)[0]:
         if isinstance(t, torch.Tensor):
             state.freeze_fields(state.fields(t))
+    state.freeze_unexercised()
     return state
