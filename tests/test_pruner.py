@@ -10,7 +10,7 @@ from torch import nn
 
 import prunekit
 from prunekit import Gradual, Iterative, Manual, OneShot, Pruner
-from prunekit.train import prune_iteratively
+from prunekit.train import TrainConfig, make_optimizer, prune_iteratively
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -444,3 +444,23 @@ def test_training_that_diverges_stops_with_a_clear_error_and_keeps_the_last_fini
     teacher = nn.Linear(8, 3)
     with pytest.raises(TrainingDiverged, match="distillation loss is scaled by temperature"):
         train(nn.Linear(8, 3), data, TrainConfig(epochs=1, batch_size=16, distill=0.5), teacher=teacher)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9, 0.99])
+def test_momentum_is_the_one_the_config_names(momentum):
+    """The one-cycle schedule moves the momentum within 0.05 of TrainConfig.momentum (0.9: torch's 0.85-0.95),
+    against the learning rate; 0 is plain SGD throughout."""
+    model = nn.Linear(3, 2)
+    opt, sched = make_optimizer(model, TrainConfig(momentum=momentum), 50)
+    seen, lrs = [], []
+    for _ in range(50):
+        seen.append(opt.param_groups[0]["momentum"])
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert min(seen) == pytest.approx(max(momentum - 0.05, 0.0))
+    assert max(seen) == pytest.approx(min(momentum + 0.05, 0.999) if momentum else 0.0)
+    if momentum:
+        assert seen[lrs.index(max(lrs))] == min(seen)  # lowest momentum at the learning-rate peak
+    with pytest.raises(ValueError, match="momentum must be in"):
+        make_optimizer(model, TrainConfig(momentum=1.0), 50)
