@@ -193,6 +193,7 @@ class TraceState(LabelState):
         #: Results of activation contractions (``mm``/``bmm``, and views of them) -> (contracted atoms, their count),
         #: to catch a later scaling by that count (see :func:`_scaled_by_size`).
         self.contracted: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.uniform_done: dict[tuple[int, int], torch.Tensor] = {}  # joint fields already made uniform along an axis
         self.consumed: set[tuple[int, int]] = set()  # (op index, output index) of every op output read by an op
         #: Modules whose labelled outputs held no data and went nowhere the trace could see (see :meth:`freeze_unexercised`)
         self.unexercised: list[str] = []
