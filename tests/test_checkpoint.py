@@ -231,3 +231,169 @@ def test_modules_with_their_own_loading_logic_go_through_load_state_dict(tmp_pat
             self.restored = state
 
     assert not _plain(nn.Sequential(Stateful(2, 2)))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# a failed load changes nothing; clear errors for wrong paths and foreign files; file permissions
+
+
+def _train_steps(model, opt, steps=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(8, 12, generator=g), torch.randint(0, 3, (8,), generator=g)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _same_state(a, b):
+    """Whether two (nested) state dicts are equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _snapshot(model, opt):
+    import copy
+
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+
+
+def _assert_untouched(model, opt, snapshot):
+    model_state, opt_state = snapshot
+    assert _same_state(model.state_dict(), model_state)
+    assert _same_state(opt.state_dict(), opt_state)
+    _train_steps(model, opt, steps=1, seed=9)  # the optimizer still works
+
+
+def _as_old_file(path, out):
+    """``path`` rewritten as a file from before the optimizer's class and shapes were recorded."""
+    tensors, meta = read(path, kind="checkpoint")
+    meta.pop("optimizer_class")
+    meta.pop("optimizer_shapes")
+    return write(out, tensors, meta, kind="checkpoint")
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_failed_optimizer_load_leaves_model_and_optimizer_as_they_were(tmp_path, compress):
+    model = net()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train_steps(model, sgd)
+    path = save(model, tmp_path / "sgd.pk", optimizer=sgd, compress=compress)
+    assert read(path, kind="checkpoint")[1]["optimizer_class"] == "SGD"
+    old = _as_old_file(path, tmp_path / "old.safetensors")
+
+    cases = [  # (file, optimizer factory, message)
+        (path, lambda m: torch.optim.Adam(m.parameters()), r"class SGD, but the optimizer given is torch\.optim\.Adam"),
+        (old, lambda m: torch.optim.Adam(m.parameters()), r"does not load into this Adam \(KeyError: 'step'\)"),
+        (path, lambda m: torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), r"groups of sizes \[6\].*\[2\]"),
+        (old, lambda m: torch.optim.SGD([{"params": m[0].parameters()}, {"params": m[3].parameters()}], lr=0.1),
+         r"state for 1 parameter group\(s\), but the given SGD has 2"),
+        (path, lambda m: torch.optim.SGD(net(hidden=16).parameters(), lr=0.1, momentum=0.9),
+         r"group 0 parameter 0: file \(32, 12\) vs optimizer \(16, 12\)"),
+        (old, lambda m: torch.optim.SGD(net(hidden=16).parameters(), lr=0.1, momentum=0.9),
+         r"parameter 0 momentum_buffer: file \(32, 12\) vs optimizer \(16, 12\)"),
+    ]
+    for file, make_opt, message in cases:
+        model2 = net(seed=4)
+        opt2 = make_opt(model2)
+        _train_steps(model2, opt2)  # the optimizer has state of its own, which must survive
+        snapshot = _snapshot(model2, opt2)
+        with pytest.raises(ValueError, match=message):
+            load(file, model2, optimizer=opt2)
+        _assert_untouched(model2, opt2, snapshot)
+    fresh = net(seed=4)
+    fine = torch.optim.SGD(fresh.parameters(), lr=0.5)
+    load(old, fresh, optimizer=fine)  # old files still load
+    assert fine.param_groups[0]["momentum"] == 0.9 and torch.equal(fresh[0].weight, model[0].weight)
+
+
+def test_optimizer_state_lacking_settings_is_refused_and_undone(tmp_path):
+    model = net()
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+    _train_steps(model, adam)
+    old = _as_old_file(save(model, tmp_path / "adam.safetensors", optimizer=adam), tmp_path / "old.safetensors")
+    model2 = net(seed=4)
+    sgd = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    _train_steps(model2, sgd)
+    snapshot = _snapshot(model2, sgd)
+    with pytest.raises(ValueError, match=r"lacks the settings \['dampening', 'momentum'\]"):
+        load(old, model2, optimizer=sgd)  # torch itself would load it and fail at the next step
+    _assert_untouched(model2, sgd, snapshot)
+
+
+def test_failed_scheduler_or_pruner_load_changes_nothing(tmp_path):
+    model, pruner, opt, sched = make()
+    run(model, pruner, opt, sched, 3, seed=1)
+    path = save(model, tmp_path / "m.safetensors", pruner=pruner, optimizer=opt, scheduler=sched)
+    model2, _, opt2, _ = make(seed=5)
+    step_lr = torch.optim.lr_scheduler.StepLR(opt2, step_size=3)
+    snapshot = _snapshot(model2, opt2)
+    with pytest.raises(ValueError, match="class OneCycleLR, but the scheduler given is .*StepLR"):
+        load(path, model2, optimizer=opt2, scheduler=step_lr)
+    assert step_lr.state_dict()["step_size"] == 3
+    _assert_untouched(model2, opt2, snapshot)
+
+    custom = net()
+    path = save(custom, tmp_path / "c.safetensors", pruner=prunekit.prune(custom, 0.5, criterion=lambda n, w: w.abs()))
+    model3 = net(seed=6)
+    before = {k: v.clone() for k, v in model3.state_dict().items()}
+    with pytest.raises(ValueError, match="custom criterion"):
+        load(path, model3)
+    assert _same_state(model3.state_dict(), before)
+
+
+def test_torch_pickle_files_are_named_as_such(tmp_path):
+    model = net()
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    torch.save(model.state_dict(), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for name in ("sd.pt", "legacy.pt"):
+        with pytest.raises(FileFormatError, match=r"is a torch\.save/pickle file.*weights_only=True.*prunekit\.save"):
+            load(tmp_path / name, net())
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "a.zip", "w") as z:
+        z.writestr("x.txt", "hi")
+    with pytest.raises(FileFormatError, match="is a zip archive, not a safetensors file"):
+        load(tmp_path / "a.zip", net())
+    (tmp_path / "junk.safetensors").write_bytes(os.urandom(300))
+    with pytest.raises(FileFormatError, match="not a readable safetensors file"):
+        load(tmp_path / "junk.safetensors", net())
+    with pytest.raises(FileFormatError, match=f"no such file: {tmp_path / 'nope.safetensors'}"):
+        load(tmp_path / "nope.safetensors", net())
+    with pytest.raises(FileFormatError, match="is a directory, not a file"):
+        load(tmp_path, net())
+
+
+def test_writing_to_a_directory_or_under_a_file_is_a_clear_error(tmp_path):
+    from prunekit.fileformat import write_text
+
+    for call, example in [(lambda: save(net(), tmp_path), "model.safetensors"),
+                          (lambda: write_text(tmp_path, '{"a": 1}\n'), "output.json")]:
+        with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a directory.*{tmp_path / example}") as info:
+            call()
+        assert isinstance(info.value, ValueError)  # the command line reports ValueErrors without a traceback
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'file'} is a file, not a directory") as info:
+        save(net(), tmp_path / "file" / "sub" / "m.safetensors")
+    assert isinstance(info.value, ValueError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing left behind
+
+
+def test_written_files_get_the_usual_permissions(tmp_path, monkeypatch):
+    import stat
+
+    from prunekit import fileformat
+
+    current = os.umask(0o022)
+    os.umask(current)
+    path = save(net(), tmp_path / "m.safetensors")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~current
+    monkeypatch.setattr(fileformat, "_UMASK", 0o027)
+    assert stat.S_IMODE(fileformat.write_text(tmp_path / "r.json", "{}").stat().st_mode) == 0o640
+    monkeypatch.setattr(fileformat, "_UMASK", 0o002)
+    assert stat.S_IMODE(save(net(), path).stat().st_mode) == 0o664  # also when replacing a file

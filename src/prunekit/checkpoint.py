@@ -27,7 +27,7 @@ from prunekit._fast import copy_into
 from prunekit.compress import Compression
 from prunekit.fileformat import FileFormatError, pack, read, unpack, write
 from prunekit.pruner import Pruner, unwrap
-from prunekit.scoring import Criterion
+from prunekit.scoring import CRITERIA, Criterion
 
 __all__ = ["Checkpoint", "load", "load_weights", "save"]
 
@@ -202,8 +202,11 @@ def save(
         meta["pruner"] = pstate["config"]
     if optimizer is not None:
         meta["optimizer"] = pack(optimizer.state_dict(), "optimizer", tensors)
+        meta["optimizer_class"] = type(optimizer).__name__
+        meta["optimizer_shapes"] = [[list(p.shape) for p in g["params"]] for g in optimizer.param_groups]
     if scheduler is not None:
         meta["scheduler"] = pack(scheduler.state_dict(), "scheduler", tensors)
+        meta["scheduler_class"] = type(scheduler).__name__
     if comp is None:
         return write(path, tensors, meta, kind=KIND)
     exact = Compression(keep_negative_zero=comp.keep_negative_zero)
@@ -242,7 +245,11 @@ def load(
             verified (checksum, names and shapes against ``model``) before anything is written into the model; only
             a payload that passes its checksum and still fails to decode (a writer bug) can leave the model's weights
             partly overwritten, and that too is this error.
-        ValueError: If the checkpoint was saved from another model (lists missing, unexpected and mismatched tensors).
+        ValueError: If the checkpoint was saved from another model (lists missing, unexpected and mismatched tensors),
+            if ``optimizer``/``scheduler`` is of another class than the stored state or (optimizer) has other
+            parameter groups or shapes, or if the stored Pruner needs ``criterion``. All of this is checked before
+            anything is loaded; should the optimizer or scheduler state still fail to load, both are left exactly as
+            they were, and the model is written only after they have loaded.
     """
     model = unwrap(model)
     own = model.state_dict()
@@ -251,22 +258,167 @@ def load(
         _check_fit(model, _shapes(own), {k.removeprefix("model/"): v[0] for k, v in stored.items()
                                          if k.startswith("model/")},
                    f"{path} holds a checkpoint of a {meta.get('model', {}).get('class', '?')} that")
+        _check_resume_state(path, meta, stored, optimizer, scheduler, criterion)
 
-    # the model's own tensors are the decoder's destinations (checked first: a file that does not fit writes nothing)
+    # the model's own tensors are the decoder's destinations (checked first: a file that does not fit writes nothing);
+    # with an optimizer or scheduler the file is decoded aside, so their loading can fail before the model is touched
     plain = _plain(model)
-    into = {f"model/{k}": v for k, v in own.items()} if plain else None
+    into = {f"model/{k}": v for k, v in own.items()} if plain and optimizer is None and scheduler is None else None
     tensors, meta = read(path, kind=KIND, device=map_location, into=into, check=check)
+    _load_resume_state(path, meta, tensors, optimizer, scheduler)
     _apply(model, {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}, own, plain)
     pruner = None
     if "pruner" in meta:
         masks = {k.removeprefix("mask/"): v for k, v in tensors.items() if k.startswith("mask/")}
         pruner = Pruner.from_state_dict(model, {"masks": masks, "config": meta["pruner"]}, criterion=criterion)
+    return Checkpoint(model=model, pruner=pruner, extra=meta.get("extra", {}))
+
+
+# per-parameter state of torch.optim's optimizers that has the parameter's shape
+_SHAPED_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "acc_delta", "grad_avg",
+                 "sum", "exp_inf", "ax", "prev", "step_size")
+
+
+class _TensorNames(dict):  # type: ignore[type-arg]
+    """Stands in for the tensors when unpacking a stored state only to look at its structure: each tensor is its
+    name."""
+
+    def __missing__(self, key: str) -> str:
+        return key
+
+
+def _describe(obj: Any) -> str:
+    """How to refer to an optimizer or scheduler in a message, e.g. ``"torch.optim.SGD"``."""
+    cls = type(obj)
+    module = cls.__module__
+    if module.startswith("torch.optim."):
+        module = "torch.optim.lr_scheduler" if module.startswith("torch.optim.lr_scheduler") else "torch.optim"
+    return f"{module}.{cls.__qualname__}"
+
+
+def _check_optimizer(path: str | os.PathLike[str], meta: Mapping[str, Any], optimizer: torch.optim.Optimizer,
+                     stored: Mapping[str, tuple[tuple[int, ...], str]]) -> None:
+    """Raise a ValueError if the optimizer state in ``meta`` cannot be loaded into ``optimizer``: another optimizer
+    class, another number or size of parameter groups, other parameter shapes, or a malformed state (``stored``: shape
+    and dtype of each stored tensor by name)."""
+    given = type(optimizer).__name__
+    recorded = meta.get("optimizer_class")  # files written before it was stored do not have it
+    if recorded is not None and recorded != given:
+        raise ValueError(
+            f"{path} holds optimizer state of class {recorded}, but the optimizer given is {_describe(optimizer)}. "
+            f"Build a {recorded} over the model's parameters to resume, or load without optimizer= and start the "
+            f"{given} afresh."
+        )
+    fix = ("Build the optimizer exactly as in the saved run (same parameters, in the same order and groups), or "
+           "load without optimizer= to start it afresh.")
+    state = unpack(meta["optimizer"], _TensorNames())
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    per_param = state.get("state") if isinstance(state, dict) else None
+    if (not isinstance(groups, list) or not isinstance(per_param, dict)
+            or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+        raise FileFormatError(f"{path}: the stored optimizer state is malformed (expected 'state' and "
+                              "'param_groups' with 'params' lists); re-create the checkpoint")
+    own = optimizer.param_groups
+    if len(groups) != len(own):
+        raise ValueError(f"{path} holds optimizer state for {len(groups)} parameter group(s), but the given {given} "
+                         f"has {len(own)}. {fix}")
+    sizes = [len(g["params"]) for g in groups]
+    own_sizes = [len(g["params"]) for g in own]
+    if sizes != own_sizes:
+        raise ValueError(f"{path} holds optimizer state for parameter groups of sizes {sizes}, but the given {given} "
+                         f"has groups of sizes {own_sizes}: it was built for another model or parameter list. {fix}")
+    ids = {i for g in groups for i in g["params"]}
+    stray = [k for k in per_param if k not in ids]
+    if stray or not all(isinstance(v, dict) for v in per_param.values()):
+        raise FileFormatError(f"{path}: the stored optimizer state refers to parameters {stray[:5]} that are in no "
+                              "parameter group, or holds a non-dict entry; re-create the checkpoint")
+    params = list(zip((i for g in groups for i in g["params"]), (p for g in own for p in g["params"])))
+    shapes = meta.get("optimizer_shapes")  # files written before they were stored do not have them
+    if shapes is not None:
+        bad = [f"group {i} parameter {j}: file {tuple(a)} vs optimizer {tuple(p.shape)}"
+               for i, (saved, g) in enumerate(zip(shapes, own)) for j, (a, p) in enumerate(zip(saved, g["params"]))
+               if tuple(a) != tuple(p.shape)]
+    elif type(optimizer).__module__.startswith("torch.optim"):  # the per-parameter state of torch's optimizers
+        entries = [(i, p, key, per_param[i][key]) for i, p in params if i in per_param for key in _SHAPED_STATE
+                   if isinstance(per_param[i].get(key), str) and per_param[i][key] in stored]
+        bad = [f"parameter {i} {key}: file {tuple(stored[name][0])} vs optimizer {tuple(p.shape)}"
+               for i, p, key, name in entries if tuple(stored[name][0]) != tuple(p.shape)]
+    else:
+        bad = []
+    if bad:
+        raise ValueError(f"{path} holds optimizer state for parameters of other shapes than the given {given}'s "
+                         f"({bad[:5]}{' ...' if len(bad) > 5 else ''}): it was built for another model. {fix}")
+
+
+def _check_resume_state(path: str | os.PathLike[str], meta: Mapping[str, Any],
+                        stored: Mapping[str, tuple[tuple[int, ...], str]], optimizer: torch.optim.Optimizer | None,
+                        scheduler: Any | None, criterion: str | Criterion | None) -> None:
+    """Check everything about the optimizer, scheduler and Pruner state in ``meta`` that can be checked before
+    anything is loaded (``stored``: shape and dtype of each stored tensor by name).
+
+    Raises:
+        FileFormatError: If the file lacks the state asked for, or holds a malformed one.
+        ValueError: If the state does not fit the given optimizer or scheduler, or the Pruner needs ``criterion``.
+    """
     if optimizer is not None:
         if "optimizer" not in meta:
             raise FileFormatError(f"{path} holds no optimizer state; save it with save(..., optimizer=opt)")
-        optimizer.load_state_dict(unpack(meta["optimizer"], tensors))
+        _check_optimizer(path, meta, optimizer, stored)
     if scheduler is not None:
         if "scheduler" not in meta:
             raise FileFormatError(f"{path} holds no scheduler state; save it with save(..., scheduler=sched)")
-        scheduler.load_state_dict(unpack(meta["scheduler"], tensors))
-    return Checkpoint(model=model, pruner=pruner, extra=meta.get("extra", {}))
+        recorded, given = meta.get("scheduler_class"), type(scheduler).__name__
+        if recorded is not None and recorded != given:
+            raise ValueError(
+                f"{path} holds LR-scheduler state of class {recorded}, but the scheduler given is "
+                f"{_describe(scheduler)}. Build a {recorded} to resume, or load without scheduler= and start the "
+                f"{given} afresh."
+            )
+    if "pruner" in meta and criterion is None and isinstance(meta["pruner"], dict) \
+            and meta["pruner"].get("criterion") is None:
+        raise ValueError(
+            f"{path}: the stored Pruner used a custom criterion function, which cannot be saved; pass criterion=... "
+            f"to restore it (built-in criteria: {sorted(CRITERIA)})"
+        )
+
+
+def _load_resume_state(path: str | os.PathLike[str], meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+                       optimizer: torch.optim.Optimizer | None, scheduler: Any | None) -> None:
+    """Load the optimizer and scheduler state, or leave both exactly as they were and raise a ValueError.
+
+    Loading replaces whole attributes (``state``, ``param_groups``, ...) rather than changing tensors in place, so
+    keeping the attribute dictionaries from before is enough to undo a failed or unusable load."""
+    saved = [(obj, dict(obj.__dict__)) for obj in (optimizer, scheduler) if obj is not None]
+    try:
+        if optimizer is not None:
+            keys = [set(g) for g in optimizer.param_groups]
+            try:
+                optimizer.load_state_dict(unpack(meta["optimizer"], tensors))
+            except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
+                raise ValueError(
+                    f"{path}: its optimizer state does not load into this {type(optimizer).__name__} "
+                    f"({type(exc).__name__}: {exc}); it was probably saved from another optimizer class or "
+                    "configuration. Build the optimizer the run was saved with, or load without optimizer= to start "
+                    "it afresh."
+                ) from None
+            missing = sorted({k for g, before in zip(optimizer.param_groups, keys) for k in before - set(g)})
+            if missing:
+                raise ValueError(
+                    f"{path}: its optimizer state lacks the settings {missing} that this {type(optimizer).__name__} "
+                    "needs; it was saved from another optimizer class. Build the optimizer the run was saved with, "
+                    "or load without optimizer= to start it afresh."
+                )
+        if scheduler is not None:
+            try:
+                scheduler.load_state_dict(unpack(meta["scheduler"], tensors))
+            except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
+                raise ValueError(
+                    f"{path}: its LR-scheduler state does not load into this {type(scheduler).__name__} "
+                    f"({type(exc).__name__}: {exc}). Build the scheduler the run was saved with, or load without "
+                    "scheduler= to start it afresh."
+                ) from None
+    except BaseException:
+        for obj, attributes in saved:
+            obj.__dict__.clear()
+            obj.__dict__.update(attributes)
+        raise

@@ -30,6 +30,8 @@ import json
 import math
 import os
 import tempfile
+import threading
+import zipfile
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -51,6 +53,8 @@ __all__ = [
     "VERSION",
     "VERSIONS",
     "FileFormatError",
+    "OutputIsADirectoryError",
+    "OutputParentError",
     "atomic_write",
     "pack",
     "read",
@@ -69,9 +73,73 @@ class FileFormatError(ValueError):
     """A file is missing, truncated, corrupted, of another version, or of another kind."""
 
 
-def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[IO[bytes]], object]) -> Path:
+class OutputIsADirectoryError(IsADirectoryError, ValueError):
+    """The output path given is an existing directory (also a ValueError, so command lines report it cleanly)."""
+
+
+class OutputParentError(NotADirectoryError, ValueError):
+    """The output path lies under an existing file, so its directory cannot be created."""
+
+
+_UMASK: int | None = None  # the process umask, read once (see _new_file_mode)
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process umask, read once: from ``/proc/self/status`` where there is one (no side effect), else with the
+    ``os.umask`` set-and-restore trick (under a lock, so concurrent first calls in this module do not race)."""
+    global _UMASK
+    with _UMASK_LOCK:
+        if _UMASK is None:
+            try:
+                with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+                    _UMASK = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+            except (OSError, ValueError, IndexError, StopIteration):
+                _UMASK = os.umask(0o022)
+                os.umask(_UMASK)
+        return _UMASK
+
+
+def _new_file_mode() -> int:
+    """The permission bits a plain ``open(path, "w")`` gives a new file: ``0o666`` minus the umask."""
+    return 0o666 & ~_umask()
+
+
+def _check_output_path(path: Path, example: str) -> None:
+    """Refuse, with a clear message, an output ``path`` that is a directory or lies under an existing file."""
+    if path.is_dir():
+        raise OutputIsADirectoryError(
+            f"{path} is a directory, not a file; give a file name inside it, such as {path / example}"
+        )
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise OutputParentError(
+                    f"cannot write {path}: {parent} is a file, not a directory; choose an output path whose "
+                    "folders are directories (or move that file away)"
+                )
+            break
+
+
+def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[IO[bytes]], object], *,
+                 example: str = "output") -> Path:
     """Write a file atomically: ``write_fn(file)`` fills a temporary file beside ``path``, which is flushed to disk and
     renamed over ``path``. Readers see the old file or the new one, never a partial one; on error nothing is left.
+
+    The file gets the permissions of any newly created file (``0o666`` minus the umask), not the private ``0o600`` of
+    the temporary file it starts as.
+
+    Args:
+        path: Destination file; its directory is created if needed.
+        write_fn: Writes the content into the open binary file it is given.
+        example: A file name suggested in the error if ``path`` is a directory.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        OutputIsADirectoryError: If ``path`` is an existing directory (an IsADirectoryError and a ValueError).
+        OutputParentError: If a parent of ``path`` is an existing file (a NotADirectoryError and a ValueError).
 
     Examples:
         >>> import tempfile
@@ -80,14 +148,23 @@ def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[IO[bytes]], o
         'hello'
     """
     path = Path(path)
+    _check_output_path(path, example)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as file:
+            if hasattr(os, "fchmod"):
+                os.fchmod(file.fileno(), _new_file_mode())
+            else:  # pragma: no cover - platforms without fchmod
+                os.chmod(temp, _new_file_mode())
             write_fn(file)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temp, path)
+        try:
+            os.replace(temp, path)
+        except IsADirectoryError:  # became a directory while the file was being written
+            _check_output_path(path, example)
+            raise
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
@@ -96,7 +173,8 @@ def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[IO[bytes]], o
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write UTF-8 text atomically (see :func:`atomic_write`)."""
-    return atomic_write(path, lambda f: f.write(text.encode()))
+    example = "output.json" if text.lstrip()[:1] in ("{", "[") else "output.txt"
+    return atomic_write(path, lambda f: f.write(text.encode()), example=example)
 
 
 def strict_json(obj: Any) -> Any:
@@ -173,6 +251,33 @@ def _read_compressed(path: Path) -> tuple[dict[str, str], memoryview] | None:
         return None
 
 
+def _foreign_format(path: Path) -> str | None:
+    """Why ``path`` (which safetensors could not open) is recognisably another format: a ``torch.save`` file (a zip
+    archive holding a pickle, or a bare pickle) or another zip archive. None if it is not recognised."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    pickled = len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5  # a pickle's PROTO opcode
+    if head == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as z:
+                pickled = any(name.endswith("data.pkl") for name in z.namelist())
+        except (zipfile.BadZipFile, OSError, ValueError):
+            pickled = False
+        if not pickled:
+            return f"{path} is a zip archive, not a safetensors file; give a file written by prunekit.save"
+    if not pickled:
+        return None
+    return (
+        f"{path} is a torch.save/pickle file; prunekit does not read pickle files, for safety (unpickling can run "
+        f"arbitrary code). Convert it once: model.load_state_dict(torch.load({str(path)!r}, weights_only=True)), "
+        "then prunekit.save(model, 'model.safetensors') (prunekit.load_weights(model, path) reads a .pt/.pth state "
+        "dict the same way)."
+    )
+
+
 def _unshare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Contiguous CPU tensors that share no memory (safetensors refuses shared or strided storage)."""
     out: dict[str, torch.Tensor] = {}
@@ -246,7 +351,8 @@ def write(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], met
         header["prunekit.meta"] = _squeeze(meta_json)
         header["prunekit.codecs"] = _squeeze(codecs_json)
         header["prunekit.sha256"] = _checksum(plain, meta_json + "\0" + codecs_json)
-    return atomic_write(path, lambda f: f.write(save(plain, metadata=header)))
+    example = "model.safetensors" if kind == "checkpoint" else f"{kind}.safetensors"
+    return atomic_write(path, lambda f: f.write(save(plain, metadata=header)), example=example)
 
 
 def read(path: str | os.PathLike[str], *, kind: str | None = None, device: str | torch.device = "cpu",
@@ -273,6 +379,8 @@ def read(path: str | os.PathLike[str], *, kind: str | None = None, device: str |
             another format version, or holds another kind.
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileFormatError(f"{path} is a directory, not a file; give the path of the file itself")
     if not path.is_file():
         raise FileFormatError(f"no such file: {path}")
     fast = _read_compressed(path)  # compressed files: one read, the payload as bytes
@@ -286,6 +394,9 @@ def read(path: str | os.PathLike[str], *, kind: str | None = None, device: str |
                 header = f.metadata() or {}
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
         except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            foreign = _foreign_format(path)
+            if foreign is not None:
+                raise FileFormatError(foreign) from None
             raise FileFormatError(
                 f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}. "
                 "Re-create it from the run that produced it."
