@@ -205,3 +205,113 @@ def test_cli_export_of_a_run_directory(tmp_path, capsys):
     assert torch.equal(reloaded.model.fc1.weight, model.fc1.weight)
     assert main(["export", str(tmp_path / "nowhere"), "--format", "compressed"]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def structured_run(tmp_path, name: str = "lenet300"):
+    """A finished ``prunekit prune --structured`` run directory: config.json, model.safetensors (the physically
+    pruned model + its plan) and checkpoint.safetensors (the full-size model, removed channels zero-filled)."""
+    torch.manual_seed(0)
+    model = get_model(name).eval()
+    plan = prunekit.structured.plan(model, torch.zeros(1, 1, 28, 28), sparsity=0.5)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": name, "width": 1.0, "structured": {"sparsity": 0.5}}))
+    full = plan.apply(copy.deepcopy(model), soft=True)
+    opt = torch.optim.SGD(full.parameters(), lr=0.0, momentum=0.9)  # a run's checkpoint holds optimizer state
+    full(X).sum().backward()
+    opt.step()
+    save(full, run / "checkpoint.safetensors", optimizer=opt)
+    small = plan.apply(copy.deepcopy(model))
+    prunekit.structured.save(small, run / "model.safetensors", plan)
+    return run, small.eval()
+
+
+@pytest.mark.slow
+def test_cli_export_of_a_structured_run_ships_the_physically_pruned_model(tmp_path, capsys):
+    import onnx
+    import onnxruntime as ort
+
+    from prunekit.cli import main
+
+    run, small = structured_run(tmp_path)
+    assert small.fc1.weight.shape == (150, 784)
+    x = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = small(x)
+    # default output name: not the run's own model.safetensors, which stays as it was
+    before = (run / "model.safetensors").read_bytes()
+    assert main(["export", str(run), "--format", "safetensors"]) == 0
+    out = capsys.readouterr().out
+    assert "physically pruned" in out and "-> " + str(run / "model-export.safetensors") in out
+    assert (run / "model.safetensors").read_bytes() == before
+    assert load_file(run / "model-export.safetensors")["fc1.weight"].shape == (150, 784)
+    assert main(["export", str(run), "--format", "safetensors", "--out", str(run / "model.safetensors")]) == 2
+    assert "own model file" in capsys.readouterr().err
+    assert (run / "model.safetensors").read_bytes() == before
+    # safetensors: the small shapes, and a fresh pruned-shape model loaded from it computes the same outputs
+    out_file = tmp_path / "export.safetensors"
+    assert main(["export", str(run), "--format", "safetensors", "--out", str(out_file)]) == 0
+    capsys.readouterr()
+    state = load_file(out_file)
+    assert state["fc1.weight"].shape == (150, 784) and state["fc2.weight"].shape == (50, 150)
+    assert out_file.stat().st_size < 266_610 * 4 * 0.55
+    fresh = copy.deepcopy(small)
+    for p in fresh.parameters():
+        p.data.fill_(1.0)
+    fresh.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)
+    # onnx: the initializers have the small shapes; onnxruntime reproduces the pruned model's outputs
+    assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert "onnxruntime vs torch" in capsys.readouterr().out
+    shapes = {i.name: tuple(i.dims) for i in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
+    assert (150, 784) in shapes.values() and (300, 784) not in shapes.values()
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert (torch.from_numpy(got) - expected).abs().max() <= 1e-4 * expected.abs().max()
+    # compressed: loads into the pruned-shape model, same outputs
+    assert main(["export", str(run), "--format", "compressed", "--out", str(tmp_path / "m.pk")]) == 0
+    capsys.readouterr()
+    loaded = load(tmp_path / "m.pk", fresh).model
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+
+
+def test_cli_export_summary_says_larger_when_a_file_is_larger(tmp_path, capsys):
+    from prunekit.cli import main
+    from prunekit.deploy import size_versus
+
+    assert size_versus(1_000, 2_250) == "2.25x smaller"
+    assert size_versus(2_403_192, 1_066_440) == "2.25x larger"
+    assert size_versus(1_066_968, 1_066_440) == "1.00x (about the same)"
+    run, _ = structured_run(tmp_path)
+    assert main(["export", str(run), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors")]) == 0
+    lines = {line.split(":")[0]: line for line in capsys.readouterr().out.splitlines()}
+    ckpt_bytes, reference = (run / "checkpoint.safetensors").stat().st_size, 266_610 * 4
+    assert ckpt_bytes > reference
+    assert f"{ckpt_bytes / reference:.2f}x larger" in lines["run checkpoint"]
+    assert f"{reference / (tmp_path / 'm.safetensors').stat().st_size:.2f}x smaller" in lines["safetensors"]
+    assert "smaller" not in lines["run checkpoint"]
+
+
+def test_export_with_an_unknown_extension_and_no_format_is_an_error(tmp_path):
+    model, _ = pruned("lenet300")
+    with pytest.raises(ValueError, match=r"'\.foo'.*\.safetensors.*\.pk.*\.onnx.*format="):
+        export(model, tmp_path / "x.foo")
+    with pytest.raises(ValueError, match="extension 'none'"):
+        export(model, tmp_path / "model")
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert export(model, tmp_path / "x.foo", format="safetensors").format == "safetensors"  # explicit: fine
+    result = export(model, tmp_path / "m.pk")  # the CLI's suffix for compressed files
+    assert result.format == "compressed"
+    assert torch.equal(load(result.path, get_model("lenet300")).model.fc1.weight, model.fc1.weight)
+
+
+def test_onnx_export_with_a_wrong_shaped_example_input_names_shape_and_layer(tmp_path):
+    model, _ = pruned("lenet300")
+    with pytest.raises(ValueError, match=r"shape \(2, 100\).*'fc1' \(Linear\).*784 features.*Pass example_inputs"):
+        export(model, tmp_path / "m.onnx", example_inputs=torch.zeros(2, 100))
+    model5, _ = pruned("lenet5")
+    with pytest.raises(ValueError, match=r"\(2, 3, 28, 28\).*'conv1' \(Conv2d\).*1 channel in dimension 1"):
+        export(model5, tmp_path / "m.onnx", example_inputs=(torch.zeros(2, 3, 28, 28),))
+    assert not (tmp_path / "m.onnx").exists()

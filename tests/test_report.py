@@ -196,3 +196,67 @@ def test_accepts_a_prunekit_mask_and_looks_through_wrappers():
     r = report(nn.DataParallel(model), masks, torch.randn(1, 8))  # names as in the unwrapped model
     assert [row.name for row in r.rows] == ["0.weight", "2.weight"]
     assert (r.rows[0].sparsity, r.effective_macs) == (0.5, 32 + 32)
+
+
+def test_wrong_shaped_example_input_names_its_shape_and_what_the_layer_expects():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).train()
+    with pytest.raises(ValueError, match=r"shape \(3, 5\) failed in layer '0' \(Linear\), which expects inputs with 8 "
+                                         r"features in the last dimension and got \(3, 5\).*mat1 and mat2.*Pass "
+                                         r"example_inputs shaped like"):
+        report(model, example_inputs=torch.randn(3, 5))
+    assert model.training and all(m.training for m in model.modules())  # modes restored, no hooks left
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    with pytest.raises(ValueError, match=r"\(1, 1, 10, 10\).*'0' \(Conv2d\).*\(N, 3, H, W\): 3 channels"):
+        report(conv, example_inputs=torch.randn(1, 1, 10, 10))
+    with pytest.raises(ValueError, match=r"\(3, 10, 10\) failed in layer '1' \(BatchNorm2d\), which expects inputs "
+                                         r"of shape \(N, 8, H, W\) and got \(8, 8, 8\); the model's first layer '0' "
+                                         r"\(Conv2d\) expects inputs of shape \(N, 3, H, W\)"):
+        report(conv, example_inputs=torch.randn(3, 10, 10))  # unbatched: the conv runs, BatchNorm2d fails
+    with pytest.raises(TypeError, match="got list"):  # a wrong type stays a TypeError naming the accepted types
+        report(conv, example_inputs=[torch.randn(1, 3, 10, 10)])
+
+
+@pytest.mark.slow
+def test_report_run_of_a_structured_run_reports_the_physically_pruned_model(tmp_path):
+    import copy
+
+    import prunekit
+    from prunekit.checkpoint import save
+    from prunekit.flops import count_macs
+    from prunekit.models import get_model
+    from prunekit.report import report_run
+
+    torch.manual_seed(0)
+    model = get_model("lenet300").eval()
+    x = torch.zeros(1, 1, 28, 28)
+    plan = prunekit.structured.plan(model, x, sparsity=0.5)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": "lenet300", "width": 1.0, "structured": {}}))
+    save(plan.apply(copy.deepcopy(model), soft=True), run / "checkpoint.safetensors")
+    small = plan.apply(copy.deepcopy(model))
+    prunekit.structured.save(small, run / "model.safetensors", plan)
+
+    r = report_run(run)
+    assert r.structured and r.source == str(run / "model.safetensors")
+    rows = {row.name: row for row in r.model.rows}
+    assert rows["fc1.weight"].shape == (150, 784) and rows["fc2.weight"].shape == (50, 150)
+    assert r.model.params == sum(p.numel() for p in small.parameters()) == 117_600 + 150 + 7_500 + 50 + 510
+    assert r.model.dense_macs == count_macs(small, x).total == 117_600 + 7_500 + 500
+    assert (r.reference_params, r.reference_macs) == (266_610, 266_200)
+    assert r.full_size is not None and r.full_size.rows[0].shape == (300, 784)
+    text = str(r)
+    assert text.splitlines()[0].startswith("physically pruned model (structured pruning")
+    assert "150x784" in text and "full-size view" in text and "300x784" in text.split("full-size view")[1]
+    assert "parameters: 266,610 before pruning -> 125,810 (2.12x fewer)" in text
+    doc = json.loads(r.to_json(tmp_path / "r.json"))
+    assert doc["totals"]["params"] == 125_810 and doc["structured"]["params_before"] == 266_610
+    assert doc["structured"]["full_size"]["rows"][0]["shape"] == [300, 784]
+    r.plot(tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes().startswith(b"\x89PNG")
+
+    (run / "model.safetensors").unlink()  # an unfinished structured run: the checkpoint, with a note saying so
+    unfinished = report_run(run)
+    assert not unfinished.structured and unfinished.model.rows[0].shape == (300, 784)
+    assert "has not finished" in str(unfinished)

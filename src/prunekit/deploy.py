@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import os
 import time
 import warnings
@@ -38,7 +39,8 @@ from torch import nn
 from prunekit.fileformat import atomic_write
 from prunekit.pruner import unwrap
 
-__all__ = ["FORMATS", "ExportResult", "OnnxMismatchError", "export", "onnx_max_difference"]
+__all__ = ["FORMATS", "ExportResult", "LoadedRun", "OnnxMismatchError", "export", "load_run", "onnx_max_difference",
+           "size_versus"]
 
 FORMATS = ("safetensors", "compressed", "onnx")
 
@@ -78,9 +80,8 @@ class ExportResult:
         return self.dense_bytes / max(self.bytes, 1)
 
     def __str__(self) -> str:
-        versus = f"{self.ratio:.2f}x smaller" if self.ratio >= 1 else f"{1 / self.ratio:.2f}x larger"
         text = (f"{self.path}: {self.format}{' int8' if self.int8 else ''}, {self.bytes:,} bytes "
-                f"({versus} than the dense {self.dense_bytes:,} bytes)")
+                f"({size_versus(self.bytes, self.dense_bytes)} than the dense {self.dense_bytes:,} bytes)")
         if self.max_abs_diff is not None:
             text += (f"; onnxruntime vs torch max |diff| {self.max_abs_diff:.3g} "
                      f"(max |output| {self.max_abs_reference:.3g})")
@@ -91,12 +92,35 @@ def _dense_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
+SUFFIXES = {".safetensors": "safetensors", ".pk": "compressed", ".onnx": "onnx"}  # format from the file name
+
+
 def _format_for(path: Path, fmt: str | None) -> str:
     if fmt is None:
-        return "onnx" if path.suffix == ".onnx" else "safetensors"
+        if path.suffix.lower() not in SUFFIXES:
+            known = ", ".join(f"{suffix} ({name})" for suffix, name in SUFFIXES.items())
+            raise ValueError(f"cannot tell the export format from the file name {str(path)!r} (extension "
+                             f"{path.suffix or 'none'!r}); expected one of {known}. Rename the file, or pass "
+                             f"format= one of {FORMATS}.")
+        return SUFFIXES[path.suffix.lower()]
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
     return fmt
+
+
+def size_versus(size: int, reference: int) -> str:
+    """How ``size`` compares with ``reference``: ``"2.10x smaller"``, ``"2.25x larger"`` or about the same.
+
+    Examples:
+        >>> size_versus(500, 1000), size_versus(2250, 1000), size_versus(1001, 1000)
+        ('2.00x smaller', '2.25x larger', '1.00x (about the same)')
+    """
+    size, reference = max(size, 1), max(reference, 1)
+    if size <= reference:
+        ratio, word = reference / size, "smaller"
+    else:
+        ratio, word = size / reference, "larger"
+    return "1.00x (about the same)" if f"{ratio:.2f}" == "1.00" else f"{ratio:.2f}x {word}"
 
 
 def export(
@@ -115,8 +139,8 @@ def export(
     Args:
         model: The model (not modified).
         path: Output file.
-        format: ``"safetensors"``, ``"compressed"`` or ``"onnx"``; default: ``"onnx"`` for a ``.onnx`` path, else
-            ``"safetensors"``.
+        format: ``"safetensors"``, ``"compressed"`` or ``"onnx"``; default: from the file name's extension
+            (``.safetensors``, ``.pk`` = compressed, ``.onnx``); another extension needs an explicit ``format``.
         example_inputs: ONNX only, required: a tensor or a tuple of positional inputs to trace and verify with.
         int8: Store Linear/Conv weights as int8 with per-channel scales (:mod:`prunekit.quantize`).
         dynamic_batch: ONNX: make dimension 0 of every input dynamic (falls back to static shapes, with a note in
@@ -128,7 +152,9 @@ def export(
         An :class:`ExportResult` (path, size, ratio to the dense state, ONNX difference).
 
     Raises:
-        ValueError: Unknown format, or ONNX without ``example_inputs``.
+        ValueError: Unknown format, no ``format`` and an extension that names none, ONNX without
+            ``example_inputs``, or a model that does not run on ``example_inputs`` (the message names their shapes
+            and what the model's layers expect).
         OnnxMismatchError: onnxruntime disagrees with PyTorch beyond ``rtol``.
         ImportError: ONNX export without ``onnx``/``onnxscript``/``onnxruntime`` (``pip install prunekit[export]``).
 
@@ -221,8 +247,13 @@ def _export_onnx(model: nn.Module, path: Path, example_inputs: torch.Tensor | Se
         from prunekit.quantize import quantize_int8
 
         quantize_int8(work)
-    with torch.no_grad():
-        reference = [t.detach().float() for t in _flat_outputs(work(*args))]
+    try:
+        with torch.no_grad():
+            reference = [t.detach().float() for t in _flat_outputs(work(*args))]
+    except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as exc:
+        from prunekit.report import input_failure
+
+        raise input_failure(work, example_inputs, exc) from exc
     notes: list[str] = []
     program = None
     options: dict[str, Any] = {"dynamo": True, "external_data": False, "verbose": False, "report": False}
@@ -300,3 +331,124 @@ def onnx_max_difference(path: str | os.PathLike[str], example_inputs: torch.Tens
         diff = max(diff, float((got - ref).abs().max()) if ref.numel() else 0.0)
         ref_max = max(ref_max, float(ref.abs().max()) if ref.numel() else 0.0)
     return diff, ref_max
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# loading a run directory (``prunekit export`` / ``prunekit report``)
+
+STRUCTURED_FILE = "model.safetensors"  # what ``prunekit prune --structured`` writes: the small model + its plan
+
+
+@dataclass
+class LoadedRun:
+    """A model loaded from a ``prunekit prune`` run directory or a file of one; see :func:`load_run`.
+
+    Attributes:
+        model: What the run produced, in eval mode: for a finished structured run the physically pruned model
+            (smaller shapes), otherwise the checkpoint's model (pruned weights are zeros).
+        masks: The checkpoint's pruning masks (None for a structured model or a checkpoint without a pruner).
+        source: The file ``model`` was loaded from.
+        structured: Whether ``model`` is a physically pruned structured model.
+        architecture: The model's name in :data:`prunekit.models.MODELS`, and ``width``.
+        width: The width multiplier.
+        reference_bytes: Size of the unpruned architecture's state as dense tensors (the reference for ratios).
+        reference_numel: Entries of the unpruned architecture's weight matrices/kernels (tensors of 2+ dimensions).
+        checkpoint: The run's training checkpoint, if there is one (for a structured run: the full-size model with
+            the removed channels zero-filled).
+        notes: Things the caller should tell the user.
+    """
+
+    model: nn.Module
+    masks: Any
+    source: Path
+    structured: bool
+    architecture: str
+    width: float
+    reference_bytes: int
+    reference_numel: int
+    checkpoint: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _kind(path: Path) -> str | None:
+    """The ``prunekit.kind`` of a prunekit file, or None if it is not one (or not readable: loading says why)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("prunekit.kind")
+    except Exception:  # noqa: BLE001 - unreadable: the real load below raises the precise error
+        return None
+
+
+def load_run(path: str | os.PathLike[str], *, model: str | None = None, width: float = 1.0,
+             example_inputs: Any = None) -> LoadedRun:
+    """Load what a ``prunekit prune`` run produced, for export or a report.
+
+    A structured run (``prunekit prune --structured``) ends with ``model.safetensors``: the physically pruned
+    model's weights and the plan that removed the channels. That file is loaded (the plan replayed on a fresh model
+    of the run's architecture) rather than ``checkpoint.safetensors``, which holds the full-size model with the
+    removed channels zero-filled. Otherwise the checkpoint is loaded.
+
+    Args:
+        path: A run directory, its ``checkpoint.safetensors``, its ``model.safetensors`` (structured), or another
+            prunekit checkpoint file.
+        model: Architecture name (default: from the run's ``config.json``).
+        width: Width multiplier, with ``model``.
+        example_inputs: If given, a structured model is run once on them to check it.
+
+    Returns:
+        A :class:`LoadedRun`.
+
+    Raises:
+        ValueError: No ``config.json`` and no ``model``, or the stored model does not fit the architecture.
+        prunekit.fileformat.FileFormatError: A missing, corrupted or wrong-kind file.
+    """
+    from prunekit.checkpoint import load as load_checkpoint
+    from prunekit.models import MODELS, get_model
+    from prunekit.structured.applying import PlanApplyError
+    from prunekit.structured.saving import KIND as STRUCTURED_KIND
+    from prunekit.structured.saving import load as load_structured
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if model:
+        name = model
+    elif "model" in config:
+        name, width = config["model"], config.get("width", 1.0)
+    else:
+        raise ValueError(f"no config.json next to {path}: pass --model to name the architecture "
+                         f"(one of {sorted(MODELS)})")
+    reference = get_model(name, width=width)
+    ref_bytes = _dense_bytes(reference)
+    ref_numel = sum(p.numel() for p in reference.parameters() if p.dim() >= 2)
+    ckpt_file = folder / "checkpoint.safetensors"
+    small_file = folder / STRUCTURED_FILE
+    notes: list[str] = []
+    if path.is_dir():
+        source = small_file if small_file.is_file() and _kind(small_file) == STRUCTURED_KIND else ckpt_file
+        if source == ckpt_file and "structured" in config:
+            notes.append(f"{path} is a structured run that has not finished (no {STRUCTURED_FILE}): its checkpoint "
+                         "holds the full-size model with the pruned channels zero-filled. Rerun the same `prunekit "
+                         "prune` command to finish it and get the physically smaller model.")
+    else:
+        source = path
+        if (_kind(path) != STRUCTURED_KIND and "structured" in config and small_file.is_file()
+                and _kind(small_file) == STRUCTURED_KIND):
+            notes.append(f"{path} is the training checkpoint of a structured run: the full-size model with the "
+                         f"pruned channels zero-filled. Pass the run directory or {small_file} for the physically "
+                         "pruned model.")
+    if _kind(source) == STRUCTURED_KIND:
+        try:
+            loaded = load_structured(source, get_model(name, width=width), example_inputs=example_inputs)
+        except PlanApplyError as exc:
+            raise ValueError(f"{source}: its structured-pruning plan does not fit {name} (width {width}): {exc}. "
+                             "Pass the --model/--width the run was made with (see its config.json).") from exc
+        return LoadedRun(loaded.eval(), None, source, True, name, width, ref_bytes, ref_numel,
+                         ckpt_file if ckpt_file.is_file() else None, notes)
+    loaded_model = get_model(name, width=width)
+    ckpt = load_checkpoint(source, loaded_model)
+    masks = ckpt.pruner.masks if ckpt.pruner is not None else None
+    return LoadedRun(loaded_model.eval(), masks, source, False, name, width, ref_bytes, ref_numel, source, notes)

@@ -43,7 +43,7 @@ from prunekit.flops import count_macs
 from prunekit.pruner import unwrap
 from prunekit.targets import DEFAULT_TYPES
 
-__all__ = ["Report", "TensorRow", "report"]
+__all__ = ["Report", "RunReport", "TensorRow", "report", "report_run"]
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,9 @@ def report(
     Raises:
         TypeError: If ``model`` is not a module, ``masks`` not a mapping of bool tensors, or ``example_inputs`` of
             another type.
-        ValueError: If a mask names no parameter of the model, a tensor is masked twice or a shape differs.
+        ValueError: If a mask names no parameter of the model, a tensor is masked twice or a shape differs, or the
+            model fails to run on ``example_inputs`` (the message names their shapes and what the failing layer and
+            the model's first layer expect).
 
     Examples:
         >>> import torch
@@ -248,7 +250,7 @@ def report(
              if isinstance(m, DEFAULT_TYPES) and isinstance(m.weight, nn.Parameter)}
     for name in masks:
         kinds.setdefault(name, type(model.get_submodule(name.rpartition(".")[0])).__name__)
-    macs = count_macs(model, example_inputs) if example_inputs is not None else None
+    macs = _count_macs(model, example_inputs) if example_inputs is not None else None
 
     rows = []
     for name, param in params.items():
@@ -286,6 +288,128 @@ def report(
         dense_bytes=dense_bytes,
         sparse_bytes=dense_bytes - pruned_bytes + mask_bytes,
     )
+
+
+def _count_macs(model: nn.Module, example_inputs: Any) -> Any:
+    """``count_macs``, with a clear error (input shapes, what the failing and the first layer expect) if the model
+    does not run on ``example_inputs``."""
+    if not isinstance(example_inputs, (torch.Tensor, tuple, Mapping)) or (
+            isinstance(example_inputs, Mapping) and not all(isinstance(k, str) for k in example_inputs)):
+        return count_macs(model, example_inputs)  # its TypeError names the accepted types
+    try:
+        return count_macs(model, example_inputs)
+    except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as exc:
+        raise input_failure(model, example_inputs, exc) from exc
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """The report of a ``prunekit prune`` run directory; build it with :func:`report_run`.
+
+    For a structured run, ``model`` reports the physically pruned model (its real shapes, parameters and MACs) and
+    ``full_size`` the training checkpoint's view (the original shapes, the removed channels counted as zeros).
+    Otherwise ``model`` reports the checkpoint's model and masks and ``full_size`` is None.
+
+    Attributes:
+        model: Report of the model the run produced.
+        full_size: Structured runs: report of the full-size, zero-filled training checkpoint (or None).
+        structured: Whether ``model`` is physically pruned.
+        source: The file ``model`` was loaded from.
+        reference_params: Parameters of the unpruned architecture.
+        reference_macs: MACs of the unpruned architecture on the example input.
+        notes: Remarks on what was loaded (e.g. an unfinished structured run).
+    """
+
+    model: Report
+    full_size: Report | None
+    structured: bool
+    source: str
+    reference_params: int
+    reference_macs: int | None
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The model's report as :meth:`Report.to_dict` (``totals`` and ``rows``); a structured run adds
+        ``structured`` = ``{"source", "params_before", "macs_before", "full_size": {totals, rows} or None}``."""
+        doc = self.model.to_dict()
+        if self.structured:
+            doc["structured"] = {"source": self.source, "params_before": self.reference_params,
+                                 "macs_before": self.reference_macs,
+                                 "full_size": self.full_size.to_dict() if self.full_size is not None else None}
+        return doc
+
+    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
+        """Return :meth:`to_dict` as JSON text, and write it to ``path`` if given (atomically)."""
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        if path is not None:
+            atomic_write(path, lambda file: file.write(text.encode()))
+        return text
+
+    def plot(self, path: str | os.PathLike[str]) -> None:
+        """Per-tensor sparsity chart (PNG); for a structured run that of the full-size view (the fraction of each
+        tensor removed), as the physically pruned model has no pruned entries left."""
+        (self.full_size if self.structured and self.full_size is not None else self.model).plot(path)
+
+    def __str__(self) -> str:
+        """The model's table; for a structured run labelled, with the before/after totals and the full-size view."""
+        if not self.structured:
+            return "\n".join([str(self.model), *(f"note: {n}" for n in self.notes)])
+        after = self.model
+        text = [f"physically pruned model (structured pruning, {self.source}): real shapes, parameters and MACs",
+                str(after),
+                f"parameters: {self.reference_params:,} before pruning -> {after.params:,} "
+                f"({self.reference_params / max(after.params, 1):.2f}x fewer)"]
+        if self.reference_macs is not None and after.dense_macs is not None:
+            text.append(f"MACs: {self.reference_macs:,} before pruning -> {after.dense_macs:,} "
+                        f"({self.reference_macs / max(after.dense_macs, 1):.2f}x fewer)")
+        if self.full_size is not None:
+            text += ["", "full-size view (training checkpoint: original shapes, removed channels counted as zeros)",
+                     str(self.full_size)]
+        text += [f"note: {n}" for n in self.notes]
+        return "\n".join(text)
+
+
+def report_run(
+    path: str | os.PathLike[str],
+    *,
+    model: str | None = None,
+    width: float = 1.0,
+    example_inputs: torch.Tensor | tuple[Any, ...] | Mapping[str, Any] | None = None,
+) -> RunReport:
+    """Report a ``prunekit prune`` run directory (or a model/checkpoint file of one), as ``prunekit report`` does.
+
+    A finished structured run is reported as its physically pruned model (``model.safetensors``: real shapes,
+    parameters and MACs), with the full-size, zero-filled training checkpoint as a second, labelled view.
+
+    Args:
+        path: A run directory or a file in one (see :func:`prunekit.deploy.load_run`).
+        model: Architecture name (default: from the run's ``config.json``).
+        width: Width multiplier, with ``model``.
+        example_inputs: For the MAC counts (default: one 1x28x28 image, the built-in models' input).
+
+    Returns:
+        A :class:`RunReport`; ``str()`` of it is the text ``prunekit report`` prints.
+
+    Raises:
+        ValueError: No ``config.json`` and no ``model``, or the stored model does not fit the architecture.
+        prunekit.fileformat.FileFormatError: A missing, corrupted or wrong-kind file.
+    """
+    from prunekit.checkpoint import load as load_checkpoint
+    from prunekit.deploy import load_run
+    from prunekit.models import get_model
+
+    example = torch.zeros(1, 1, 28, 28) if example_inputs is None else example_inputs
+    loaded = load_run(path, model=model, width=width)
+    main = report(loaded.model, loaded.masks, example_inputs=example)
+    if not loaded.structured:
+        return RunReport(main, None, False, str(loaded.source), main.params, main.dense_macs, tuple(loaded.notes))
+    unpruned = get_model(loaded.architecture, width=loaded.width)
+    before = report(unpruned, example_inputs=example)
+    full = None
+    if loaded.checkpoint is not None:
+        ckpt = load_checkpoint(loaded.checkpoint, unpruned)
+        full = report(unpruned, ckpt.pruner.masks if ckpt.pruner is not None else None, example_inputs=example)
+    return RunReport(main, full, True, str(loaded.source), before.params, before.dense_macs, tuple(loaded.notes))
 
 
 def _check_masks(masks: object, model: nn.Module, canonical: Mapping[int, str]) -> dict[str, torch.Tensor]:
@@ -337,3 +461,125 @@ def _bytes(count: int) -> str:
         if count >= size:
             return f"{count / size:.2f} {unit}"
     return f"{count} B"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# running a model on example inputs: failures explained
+
+_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                nn.ConvTranspose3d, nn.Embedding, nn.EmbeddingBag)
+
+
+def _shapes_of(inputs: object) -> str:
+    """Shapes of example inputs as text: ``(4, 100)``, ``((4, 100), 3)`` or ``{'x': (4, 100)}``."""
+    if isinstance(inputs, torch.Tensor):
+        return str(tuple(inputs.shape))
+    if isinstance(inputs, Mapping):
+        return "{" + ", ".join(f"{k!r}: {_shapes_of(v)}" for k, v in inputs.items()) + "}"
+    if isinstance(inputs, (tuple, list)):
+        inner = ", ".join(_shapes_of(v) for v in inputs)
+        return f"({inner},)" if len(inputs) == 1 else f"({inner})"
+    return type(inputs).__name__
+
+
+def _expects(module: nn.Module) -> str | None:
+    """What a layer expects of its input, where its type tells (in_features, in_channels, vocabulary size)."""
+    inner = getattr(module, "conv", module)  # prunekit.quantize.Int8Conv wraps its convolution
+    if hasattr(module, "in_features"):
+        return f"inputs with {module.in_features} features in the last dimension"
+    if isinstance(inner, nn.modules.conv._ConvNd):
+        spatial = {1: "L", 2: "H, W", 3: "D, H, W"}.get(len(inner.kernel_size), "...")
+        channels = f"{inner.in_channels} channel{'s' if inner.in_channels != 1 else ''}"
+        return f"inputs of shape (N, {inner.in_channels}, {spatial}): {channels} in dimension 1"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        c = module.num_features
+        shape = {nn.BatchNorm1d: f"(N, {c}) or (N, {c}, L)", nn.BatchNorm2d: f"(N, {c}, H, W)",
+                 nn.BatchNorm3d: f"(N, {c}, D, H, W)"}.get(type(module))
+        return f"inputs of shape {shape}" if shape else f"{c} channels in dimension 1"
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return f"integer token ids in [0, {module.num_embeddings})"
+    return None
+
+
+def _failing_layer(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[str, nn.Module,
+                                                                                                 str] | None:
+    """Run ``model`` again with hooks to find the innermost module whose forward raised, and its input shapes.
+
+    Eval mode and no grad, each module's mode restored after; the hooks are removed again.
+    """
+    names = {module: name for name, module in model.named_modules()}
+    stack: list[tuple[nn.Module, str]] = []
+    failed: list[tuple[nn.Module, str]] = []
+
+    def pre(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        stack.append((module, _shapes_of(inputs[0]) if len(inputs) == 1 else _shapes_of(inputs)))
+
+    def post(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if stack:
+            stack.pop()
+
+    training = {module: module.training for module in model.modules()}
+    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - the failure itself is reported by the caller
+        failed = stack[-1:]
+    finally:
+        for h in handles:
+            h.remove()
+        for module, mode in training.items():
+            module.training = mode
+    if not failed or (failed[0][0] is model and _expects(model) is None):
+        return None  # failed in the model's own code, not in a layer
+    module, shapes = failed[0]
+    return names.get(module, "?") or "model", module, shapes
+
+
+def input_failure(model: nn.Module, example_inputs: object, exc: BaseException) -> ValueError:
+    """A clear error for a model that fails to run on ``example_inputs``: their shapes, the layer that failed and
+    what it expects, what the model's first layer expects, and how to fix it.
+
+    Args:
+        model: The model that failed (it is run once more, in eval mode and without grad, to find the layer).
+        example_inputs: A tensor, a tuple/list of positional inputs or a mapping of keyword inputs.
+        exc: The exception raised by running the model.
+
+    Returns:
+        A ``ValueError`` to raise ``from exc``.
+
+    Examples:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(8, 4))
+        >>> x = torch.zeros(2, 5)
+        >>> try:
+        ...     model(x)
+        ... except RuntimeError as exc:
+        ...     print(input_failure(model, x, exc))  # doctest: +ELLIPSIS
+        running the model on example_inputs of shape (2, 5) failed in layer '0' (Linear), which expects inputs with \
+8 features in the last dimension and got (2, 5)...
+    """
+    if isinstance(example_inputs, Mapping):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        args, kwargs = (example_inputs,), {}
+    where = _failing_layer(model, args, kwargs)
+    text = f"running the model on example_inputs of shape {_shapes_of(example_inputs)} failed"
+    if where is not None:
+        name, module, shapes = where
+        expects = _expects(module)
+        text += f" in layer {name!r} ({type(module).__name__})"
+        text += f", which expects {expects} and got {shapes}" if expects else f" on input {shapes}"
+    first = next(((n, m) for n, m in model.named_modules() if isinstance(m, _LAYER_TYPES) or hasattr(m, "in_features")),
+                 None)
+    if first is not None and (where is None or first[1] is not where[1]) and _expects(first[1]):
+        text += (f"; the model's first layer {first[0] or 'model'!r} ({type(first[1]).__name__}) expects "
+                 f"{_expects(first[1])}")
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text += (f" ({type(exc).__name__}: {detail}). Pass example_inputs shaped like one batch of what the model is "
+             "called with (e.g. torch.zeros(1, *sample_shape)), as a tensor, a tuple of positional inputs or a dict "
+             "of keyword inputs.")
+    return ValueError(text)
