@@ -37,11 +37,14 @@ class PlanApplyError(RuntimeError):
 
     Attributes:
         module: Name of the module the pruned model failed in ("" for the model's own forward), None if unknown.
+        op: Index (in the trace's operations) of the first operation whose output shapes in the pruned model differ
+            from the plan's prediction, None if none did before the failure (or the shapes were not compared).
     """
 
-    def __init__(self, message: str, module: str | None = None) -> None:
+    def __init__(self, message: str, module: str | None = None, op: int | None = None) -> None:
         super().__init__(message)
         self.module = module
+        self.op = op
 
 
 def _tensor_owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
@@ -275,6 +278,9 @@ def _verify(plan: Plan, model: nn.Module, example_inputs: Any,
             macs = count_macs(model, example_inputs, per_module=False).total
         output = result[-1]
     except Exception as exc:
+        deviation = _first_deviation(plan, model, recorder.ops) if output_shapes is None else None
+        if deviation is not None:  # an earlier operation already produced other sizes than predicted: the cause
+            raise deviation from exc
         name, module = stack[-1]
         kind = type(module).__name__
         where = f"module {name!r} ({kind})" if name else f"the model's forward ({kind})"
@@ -308,14 +314,29 @@ def _verify(plan: Plan, model: nn.Module, example_inputs: Any,
                       "(shape-dependent control flow), so its per-operation shapes were not compared; it runs and its "
                       "outputs have the right shapes", stacklevel=3)
         return macs
-    for (op, module, shapes), (_, _, actual) in zip(want, seen):
+    deviation = _first_deviation(plan, model, recorder.ops)
+    if deviation is not None:
+        raise deviation
+    return macs
+
+
+def _first_deviation(plan: Plan, model: nn.Module, ops: list[tuple[str, str, list[tuple[int, ...]]]]
+                     ) -> PlanApplyError | None:
+    """The error for the first operation whose shapes in the pruned model's run (``ops``, possibly cut short by a
+    failure) differ from the plan's prediction, comparing while both run the same operations; None if none does."""
+    skip = [u.name for u in plan.modules if u.replace is not None]
+    want = [(i, e) for i, e in enumerate(plan.expected_ops or []) if not _inside(e[1], skip)]
+    seen = [e for e in ops if not _inside(e[1], skip)]
+    for (index, (op, module, shapes)), (got_op, _, actual) in zip(want, seen):
+        if got_op != op:
+            return None  # another sequence of operations from here on: nothing to compare
         if shapes is not None and not _same_shapes([tuple(s) for s in shapes], actual):  # None: opaque module
             where = f"module {module!r} ({type(model.get_submodule(module)).__name__})" if module else "the model"
-            raise PlanApplyError(
+            return PlanApplyError(
                 f"in the pruned model, {op} in {where} produces shapes {actual} where the plan expects {shapes}: the "
                 "module computes a size from an attribute or constant that the plan does not update, so its channels "
                 "would be silently mixed up. Register a handler for it (prunekit.structured.register_handler) that "
                 "returns the new attribute values, or keep it whole with leaves=[...]. The model was left unchanged.",
-                module=module,
+                module=module, op=index,
             )
-    return macs
+    return None

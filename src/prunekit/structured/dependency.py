@@ -143,19 +143,20 @@ class DependencyGraph:
 
     def retrace(self, model: nn.Module, example_inputs: Any, *, ignore: Iterable[type] = (),
                 freeze_size_splits: str | None = None, tie_input_width: Iterable[type] = (),
-                freeze_broadcasts: bool | None = None) -> DependencyGraph:
+                freeze_broadcasts: bool | None = None, freeze_ops: Iterable[int] = ()) -> DependencyGraph:
         """This graph traced again with the same handlers, leaves and ignored modules, plus every module of the
         ``ignore`` types kept whole, the channels of ``torch.split(x, size)`` kept as ``freeze_size_splits``
         says (``"unmatched"``: where no module attribute holds the size; ``"all"``) and, in modules of the
         ``tie_input_width`` types, a reshape to the width of the module's input tied to that input's channels. For
         the fallbacks of :func:`~prunekit.structured.plan` when a pruned model breaks. ``freeze_broadcasts``: keep
-        the channels that meet an ``expand`` (default: as this graph did)."""
+        the channels that meet an ``expand`` (default: as this graph did); ``freeze_ops``: keep the channels of
+        these traced operations' outputs (indices into ``state.ops``)."""
         types = tuple(ignore)
         ignored = set(self.state.ignored) | {id(m) for m in model.modules() if types and isinstance(m, types)}
         state = run_trace(model, example_inputs, handlers=self.handlers, leaves=self.state.leaves, ignored=ignored,
                           freeze_size_splits=freeze_size_splits, tie_input_width=tuple(tie_input_width),
                           freeze_broadcasts=self.state.freeze_broadcasts if freeze_broadcasts is None
-                          else freeze_broadcasts)
+                          else freeze_broadcasts, freeze_ops=tuple(freeze_ops))
         return _build(model, state)
 
     def pruned_atoms(self, pruned: Mapping[int, torch.Tensor]) -> torch.Tensor:

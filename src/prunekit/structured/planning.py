@@ -508,7 +508,9 @@ def _with_fallbacks(model: nn.Module, example_inputs: Any, graph: DependencyGrap
     2. the class whose code broke (the nearest enclosing module not from ``torch``) with its reshapes to its input's
        width tied to the input's channels (an attention block that reshapes its output to ``B, N, C``, ``C`` read
        from its input: its width then shrinks with the residual stream);
-    3. every module of the class whose code broke kept whole, up to three classes.
+    3. the channels of the first operation whose output sizes differ from the prediction (``x.view(B, 16, -1)``
+       with a literal 16), then of the next one, up to three;
+    4. every module of the class whose code broke kept whole, up to three classes.
 
     The plan that works gets a note saying what was kept and why. Returns it and the graph it was made on.
 
@@ -557,6 +559,19 @@ def _with_fallbacks(model: nn.Module, example_inputs: Any, graph: DependencyGrap
                              f"attention that reshapes to B, N, C with C read from its input) mended it. To prune them "
                              f"apart, {fix}")
         return done
+    last, frozen_ops = first, []
+    while last.op is not None and last.op not in frozen_ops and len(frozen_ops) < 3:
+        frozen_ops.append(last.op)  # the operation that made other sizes than predicted: keep its channels
+        done = attempt(freeze_ops=tuple(frozen_ops))
+        if isinstance(done, tuple):
+            ops = graph.state.ops
+            where = "; ".join(f"{ops[i].op} in {repr(ops[i].module) if ops[i].module else 'the model'}"
+                              for i in frozen_ops)
+            done[0].notes.append(f"the pruned model broke ({failure}); keeping the channels of {where} (a size "
+                                 f"that is a constant of the code, or read from elsewhere) mended it. To prune them "
+                                 f"too, {fix}")
+            return done
+        last = done
     last, ignored = first, []
     while len(ignored) < 3:
         culprit = _culprit(model, last.module)

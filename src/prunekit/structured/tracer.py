@@ -492,6 +492,7 @@ def run_trace(
     freeze_size_splits: str | None = None,
     tie_input_width: tuple[type, ...] = (),
     freeze_broadcasts: bool = False,
+    freeze_ops: tuple[int, ...] = (),
 ) -> TraceState:
     """Run ``model`` once on ``example_inputs`` (eval mode, no grad) and label every tensor it computes.
 
@@ -517,4 +518,8 @@ def run_trace(
         if isinstance(t, torch.Tensor):
             state.freeze_fields(state.fields(t))
     state.freeze_unexercised()
+    for i in freeze_ops:  # the fallbacks' "keep the channels of this operation" (see plan's _with_fallbacks)
+        if 0 <= i < len(state.ops):
+            for fields in state.ops[i].fields:
+                state.freeze_fields(fields)
     return state
