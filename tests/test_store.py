@@ -36,6 +36,7 @@ def test_concurrent_processes_lose_no_key(tmp_path):
         assert p.exitcode == 0
     runs = json.loads(open(path).read())["runs"]
     assert sorted(runs) == sorted(f"{p}/{i}" for p in ("a", "b") for i in range(15))
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # the lock file is removed by its last holder
 
 
 def _reject(constant: str) -> None:

@@ -9,7 +9,7 @@ import platform
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -90,9 +90,9 @@ class ResultStore:
         So several processes may fill one grid at once (e.g. one per seed); a key is never lost.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
-            if fcntl is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        lock = _locked(lock_path)
+        try:
             if self.path.exists():
                 on_disk = json.loads(self.path.read_text())
                 self.doc["runs"] = {**on_disk.get("runs", {}), **self.doc["runs"]}
@@ -100,3 +100,23 @@ class ResultStore:
                     if cmd not in self.doc["commands"]:
                         self.doc["commands"].append(cmd)
             write_text(self.path, json_text(self.doc, indent=1))
+        finally:
+            if fcntl is not None:  # removed while still held: a process waiting on it retries on a fresh file
+                lock_path.unlink(missing_ok=True)
+            lock.close()
+
+
+def _locked(path: Path) -> IO[str]:
+    """Open ``path`` and hold an exclusive lock on it (where ``fcntl`` exists). The holder removes the file when it
+    is done, so no lock file is left behind; a process that got the lock on a file removed meanwhile tries again."""
+    while True:
+        lock = open(path, "a")
+        if fcntl is None:
+            return lock
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino:
+                return lock
+        except FileNotFoundError:
+            pass
+        lock.close()
