@@ -28,6 +28,8 @@ from prunekit.config import (
     PruneConfig,
     add_arguments,
     build_pruner,
+    check_out_dir,
+    check_schedule,
     config_hash,
     from_arguments,
 )
@@ -36,8 +38,9 @@ from prunekit.data.vision import DATASETS, load_dataset
 from prunekit.fileformat import FileFormatError, json_text, write_text
 from prunekit.models import MODELS, get_model
 from prunekit.pruner import Pruner
-from prunekit.report import report
+from prunekit.report import report, report_run
 from prunekit.schedules import Gradual
+from prunekit.targets import check_sparsity
 from prunekit.train import TrainConfig, TrainingDiverged, evaluate, make_optimizer, train
 
 __all__ = ["main"]
@@ -79,15 +82,71 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 MODEL_LR = {"lenet5": 0.05}
 
 
+def _check(ok: bool, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``ok`` (NaN comparisons are False, so NaN flags fail their checks)."""
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_output_file(path: str | None, flag: str, example: str) -> None:
+    """Check that an output file flag names neither a directory nor a file inside a file."""
+    if path is None:
+        return
+    target = Path(path)
+    _check(not target.is_dir(), f"{flag} {path} is a directory: give a file name, e.g. {flag} {target / example}")
+    for parent in target.parents:
+        _check(not parent.exists() or parent.is_dir(),
+               f"{flag} {path}: {parent} is a file, not a directory; choose another {flag}")
+
+
+def check_train_arguments(args: argparse.Namespace) -> None:
+    """Validate the data and training flags of ``prunekit prune`` before anything is loaded, trained or written.
+
+    Args:
+        args: The parsed ``prune`` flags (``--lr`` already resolved).
+
+    Raises:
+        ValueError: Naming the flag, its value and the values it takes.
+    """
+    _check(args.width > 0, f"--width {args.width:g}: the width multiplier must be > 0 (1 = the standard model)")
+    _check(args.train_subset is None or args.train_subset >= 1,
+           f"--train-subset {args.train_subset}: expected a number of training examples >= 1 (omit the flag to "
+           "train on all of them)")
+    _check(args.epochs >= 0, f"--epochs {args.epochs}: expected a number of epochs >= 0")
+    _check(args.batch_size >= 1, f"--batch-size {args.batch_size}: expected at least 1 example per step (e.g. 128)")
+    _check(args.lr > 0 and args.lr != float("inf"), f"--lr {args.lr:g}: the peak learning rate must be a positive "
+           f"number (e.g. {MODEL_LR.get(args.model, TrainConfig.lr)})")
+    _check(0 <= args.momentum < 1, f"--momentum {args.momentum:g}: expected a value in [0, 1) (0.9 is usual, 0 = "
+           "plain SGD)")
+    _check(0 <= args.weight_decay < float("inf"), f"--weight-decay {args.weight_decay:g}: expected a value >= 0 "
+           "(e.g. 5e-4; 0 = none)")
+    _check(0 <= args.label_smoothing < 1, f"--label-smoothing {args.label_smoothing:g}: expected a value in [0, 1) "
+           "(e.g. 0.1; 0 = none)")
+    _check(0 <= args.distill <= 1, f"--distill {args.distill:g}: expected a loss weight in [0, 1] (0 = none)")
+    _check(not args.distill or bool(args.weights),
+           "--distill needs --weights: the trained dense model is the teacher of its pruned self")
+    _check(0 < args.temperature < float("inf"), f"--temperature {args.temperature:g}: the distillation temperature "
+           "must be > 0 (e.g. 4)")
+    _check(args.shift >= 0, f"--shift {args.shift}: expected a number of pixels >= 0 (0 = no shift)")
+
+
 def _prune(args: argparse.Namespace) -> int:
+    from prunekit.structured.cli import DEFAULT_CRITERION
+    from prunekit.structured.cli import check_arguments as check_structured_arguments
+
     if getattr(args, "lr", 0.0) is None:
         args.lr = MODEL_LR.get(args.model, TrainConfig.lr)
-    if getattr(args, "structured", False):  # prunekit prune --structured: prunekit.structured.cli
+    if args.criterion is None:
+        args.criterion = DEFAULT_CRITERION if args.structured else PruneConfig.criterion
+    check_train_arguments(args)
+    check_structured_arguments(args)  # its flags need --structured
+    if args.structured:  # prunekit prune --structured: prunekit.structured.cli
         from prunekit.structured.cli import run as run_structured
 
         return run_structured(args)
     tcfg = from_arguments(args, TrainConfig)
     pcfg = from_arguments(args, PruneConfig)
+    check_schedule(pcfg, tcfg.epochs)  # the flags alone; _run checks again with the number of steps per epoch
     doc = {
         "model": args.model,
         "width": args.width,
@@ -103,18 +162,39 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Python-argument advice in library errors and its command-line wording.
+_FLAG_WORDING = (
+    ("Pass include=['<glob>'] to name the tensors to prune explicitly.",
+     "Use --include GLOB [GLOB ...] to name the tensors to prune explicitly."),
+    ("include pattern ", "--include pattern "),
+    ("exclude pattern ", "--exclude pattern "),
+    ("include=", "--include "),
+    ("exclude=", "--exclude "),
+)
+
+
+def _flag_wording(message: str) -> str:
+    """``message`` with the Python-argument advice of a library error reworded as command-line flags."""
+    for python, flag in _FLAG_WORDING:
+        message = message.replace(python, flag)
+    return message
+
+
 def _run(doc: dict[str, Any], tcfg: TrainConfig, pcfg: PruneConfig, out: Path, *, data_dir: str | None,
          progress: bool) -> dict[str, Any]:
-    """Train/prune as ``doc`` says into ``out``, resuming from ``out/checkpoint.safetensors`` if present."""
+    """Train/prune as ``doc`` says into ``out``, resuming from ``out/checkpoint.safetensors`` if present.
+
+    Everything that can fail on bad input (data, model, weights, pruner, schedule) runs before ``out`` is created
+    or ``config.json`` written, so a rejected run leaves nothing behind.
+    """
     config_file, ckpt_file = out / "config.json", out / "checkpoint.safetensors"
+    check_out_dir(out)
     if config_file.exists():
         existing = json.loads(config_file.read_text())
         if existing != doc:
             raise ValueError(
                 f"{out} holds a run with another configuration ({config_file}); choose another --out or delete it"
             )
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(config_file, doc)
 
     train_data = load_dataset(doc["data"], "train", data_dir)
     if doc.get("train_subset"):
@@ -132,7 +212,10 @@ def _run(doc: dict[str, Any], tcfg: TrainConfig, pcfg: PruneConfig, out: Path, *
             raise ValueError("--distill needs --weights: the trained dense model is the teacher of its pruned self")
         teacher = copy.deepcopy(model)
     steps_per_epoch = tcfg.steps_per_epoch(len(train_data))
-    pruner = build_pruner(model, pcfg, steps_per_epoch)
+    try:
+        pruner = build_pruner(model, pcfg, steps_per_epoch, tcfg.epochs if pcfg.sparsity > 0 else None)
+    except ValueError as exc:
+        raise ValueError(_flag_wording(str(exc))) from None
     opt, sched = make_optimizer(model, tcfg, steps_per_epoch * tcfg.epochs)
     history: list[dict[str, Any]] = []
     start_epoch = 0
@@ -146,6 +229,8 @@ def _run(doc: dict[str, Any], tcfg: TrainConfig, pcfg: PruneConfig, out: Path, *
         _say(f"resuming {out} at epoch {start_epoch}/{tcfg.epochs}")
     else:
         before = before.to_dict() if before is not None else None
+    out.mkdir(parents=True, exist_ok=True)  # every check passed: the run directory starts here
+    _write_json(config_file, doc)
 
     def on_epoch(epoch: int, record: dict[str, Any]) -> None:
         history.append(record)
@@ -177,17 +262,21 @@ def _run(doc: dict[str, Any], tcfg: TrainConfig, pcfg: PruneConfig, out: Path, *
 def _report(args: argparse.Namespace) -> int:
     path = Path(args.path)
     config_file = (path if path.is_dir() else path.parent) / "config.json"
-    ckpt_file = path / "checkpoint.safetensors" if path.is_dir() else path
-    if args.model:
-        model = get_model(args.model, width=args.width)
-    elif config_file.exists():
-        doc = json.loads(config_file.read_text())
-        model = get_model(doc["model"], width=doc.get("width", 1.0))
-    else:
+    if args.width is not None and not args.model:
+        raise ValueError(f"--width {args.width:g} sets the width of --model's architecture; without --model the "
+                         f"architecture and its width come from {config_file}: add --model or drop --width")
+    _check(args.width is None or args.width > 0, f"--width {args.width}: the width multiplier must be > 0 "
+           "(1 = the standard model)")
+    _check_output_file(args.json, "--json", "report.json")
+    _check_output_file(args.plot, "--plot", "sparsity.png")
+    if not path.exists():
+        raise ValueError(f"no such file or run directory: {path}")
+    if not args.model and not config_file.exists():
         raise ValueError(f"no config.json next to {path}: pass --model to name the architecture "
                          f"(one of {sorted(MODELS)})")
-    ckpt = load(ckpt_file, model)
-    rep = report(model, ckpt.pruner.masks if ckpt.pruner else None, example_inputs=torch.zeros(INPUT_SHAPE))
+    # report_run finds the run's files; a structured run is reported as its physically pruned model
+    rep = report_run(args.path, model=args.model or None, width=1.0 if args.width is None else args.width,
+                     example_inputs=torch.zeros(INPUT_SHAPE))
     if args.json:
         rep.to_json(args.json)
     if args.plot:
@@ -202,7 +291,11 @@ def _report(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     """Train LeNet-300-100 on MNIST, prune it gradually to the target sparsity while fine-tuning, report."""
-    out = Path(args.out)
+    check_sparsity(args.sparsity, "--sparsity")
+    _check(args.dense_epochs >= 0, f"--dense-epochs {args.dense_epochs}: expected a number of epochs >= 0")
+    _check(args.prune_epochs >= 1, f"--prune-epochs {args.prune_epochs}: pruning happens while fine-tuning, so it "
+           "needs at least 1 epoch (e.g. 8)")
+    out = check_out_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _say("prunekit demo: LeNet-300-100 on MNIST, gradual magnitude pruning (Zhu & Gupta cubic schedule)")
     _say("1/4 fetching MNIST (cached after the first run)")
@@ -281,7 +374,8 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="per-layer sparsity, parameters, MACs and size of a saved model")
     rep.add_argument("path", help="a run directory or a checkpoint file")
     rep.add_argument("--model", default=None, choices=sorted(MODELS), help="architecture (default: from config.json)")
-    rep.add_argument("--width", type=float, default=1.0, help="width multiplier (with --model)")
+    rep.add_argument("--width", type=float, default=None,
+                     help="width multiplier of --model's architecture (default: 1; only with --model)")
     rep.add_argument("--json", default=None, help="also write the report as JSON here")
     rep.add_argument("--plot", default=None, help="also write the per-layer sparsity plot (PNG) here")
     rep.set_defaults(func=_report)
@@ -311,7 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     try:
         return func(args)
-    except (ValueError, TypeError, FetchError, FileFormatError, FileNotFoundError, TrainingDiverged) as exc:
+    except (ValueError, TypeError, FetchError, FileFormatError, FileNotFoundError, FileExistsError, IsADirectoryError,
+            NotADirectoryError, PermissionError, TrainingDiverged) as exc:
         print(f"prunekit {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

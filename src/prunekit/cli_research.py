@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from prunekit.checkpoint import load_weights, save
+from prunekit.config import check_out_dir
 from prunekit.data import DATASETS
 from prunekit.fileformat import json_text, write_text
 from prunekit.models import MODELS, get_model
@@ -20,7 +21,7 @@ __all__ = ["add_parsers"]
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    out = Path(args.out or f"runs/reproduce/{args.experiment}{'-quick' if args.quick else ''}")
+    out = check_out_dir(args.out or f"runs/reproduce/{args.experiment}{'-quick' if args.quick else ''}")
     run(args.experiment, out, quick=args.quick, progress=not args.quiet)
     for md in sorted(out.glob("*.md")):
         print(md.read_text())
@@ -28,9 +29,40 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_search_arguments(args: argparse.Namespace) -> None:
+    """Validate the flags of ``prunekit search`` before any data is loaded, any model trained or any file written.
+
+    Args:
+        args: The parsed ``search`` flags.
+
+    Raises:
+        ValueError: Naming the flag, its value and the values it takes.
+    """
+    checks = [
+        (0 <= args.max_drop < 1, f"--max-drop {args.max_drop:g}: expected an allowed accuracy drop in [0, 1) "
+                                 "(0.005 = half a point)"),
+        (0 < args.high < 1, f"--high {args.high:g}: expected the highest sparsity to try, in (0, 1) (e.g. 0.995)"),
+        (0 < args.tolerance < args.high, f"--tolerance {args.tolerance:g}: expected a bracket width > 0 and below "
+                                         f"--high {args.high:g} (e.g. 0.005); 0 would try the same sparsity again "
+                                         "and again"),
+        (args.dense_epochs >= 0, f"--dense-epochs {args.dense_epochs}: expected a number of epochs >= 0"),
+        (args.finetune_epochs >= 0, f"--finetune-epochs {args.finetune_epochs}: expected a number of epochs >= 0"),
+        (0 < args.lr < float("inf"), f"--lr {args.lr:g}: the peak learning rate must be a positive number "
+                                     "(e.g. 0.05)"),
+        (args.train_subset is None or args.train_subset >= 1,
+         f"--train-subset {args.train_subset}: expected a number of examples >= 1 (omit the flag to use all)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    if args.weights and not Path(args.weights).is_file():
+        raise FileNotFoundError(f"--weights {args.weights}: no weights file there; give a prunekit checkpoint or a "
+                                ".pt/.pth state dict, or drop --weights to train the dense model first")
+
+
 def _search(args: argparse.Namespace) -> int:
-    out = Path(args.out or f"runs/search/{args.model}-{args.data}-drop{args.max_drop}")
-    out.mkdir(parents=True, exist_ok=True)
+    check_search_arguments(args)
+    out = check_out_dir(args.out or f"runs/search/{args.model}-{args.data}-drop{args.max_drop}")
     train_data, val, test = data_splits(args.data, args.train_subset)
     torch.manual_seed(args.seed)
     model = get_model(args.model)
@@ -47,6 +79,7 @@ def _search(args: argparse.Namespace) -> int:
         max_drop=args.max_drop, high=args.high, tolerance=args.tolerance, allocation=args.allocation,
     )
     doc = {**result.to_dict(), "test_accuracy": evaluate(model, test).accuracy}
+    out.mkdir(parents=True, exist_ok=True)
     write_text(out / "search.json", json_text(doc, indent=2))
     save(model, out / "model.safetensors", extra={"search": result.to_dict()})
     for t in result.trials:

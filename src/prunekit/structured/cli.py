@@ -19,6 +19,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,11 @@ import torch
 from prunekit.checkpoint import load as load_checkpoint
 from prunekit.checkpoint import load_weights
 from prunekit.checkpoint import save as save_checkpoint
-from prunekit.config import PruneConfig, build_schedule, config_hash, from_arguments
+from prunekit.config import PruneConfig, build_schedule, check_out_dir, check_schedule, config_hash, from_arguments
 from prunekit.data.vision import load_dataset
 from prunekit.fileformat import json_text, write_text
 from prunekit.models import get_model
-from prunekit.structured.blocks import drop_blocks
+from prunekit.structured.blocks import drop_blocks, residual_blocks
 from prunekit.structured.criteria import criterion_names
 from prunekit.structured.gradual import StructuredPruner
 from prunekit.structured.planning import Plan
@@ -40,14 +41,88 @@ from prunekit.structured.reporting import report
 from prunekit.structured.saving import save
 from prunekit.train import TrainConfig, batches, evaluate, make_optimizer, train
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["DEFAULT_CRITERION", "add_arguments", "check_arguments", "run"]
 
 INPUT_SHAPE = (1, 1, 28, 28)
 
+#: The criterion of ``prunekit prune --structured`` without ``--criterion`` (the unstructured default, magnitude,
+#: scores single weights).
+DEFAULT_CRITERION = "l2"
 
-def _budget(text: str) -> float | int:
-    value = float(text)
-    return int(value) if value > 1 else value
+#: Allocations that spread a --macs/--params budget during training (``latency`` is for one-shot plans).
+STRUCTURED_ALLOCATIONS = ("global", "uniform")
+
+#: Structured-only flags and their defaults: giving one of them without ``--structured`` is an error.
+_STRUCTURED_ONLY = {"macs": None, "params": None, "round_to": 1, "min_channels": 1, "max_sparsity": None,
+                    "calibration_batches": 8, "drop_blocks": 0}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _example_inputs() -> torch.Tensor:
+    """A fixed random example input: all-zero inputs hide structure (e.g. residual blocks pass zeros through)."""
+    return torch.randn(INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
+
+
+def _budget(flag: str, value: float) -> float | int:
+    """Validate a ``--macs``/``--params`` budget: a fraction in (0, 1) or a whole absolute count (> 1)."""
+    if 0.0 < value < 1.0:
+        return value
+    if value > 1.0 and math.isfinite(value) and value.is_integer():
+        return int(value)
+    raise ValueError(f"{flag} {value:g}: expected the fraction of the dense model to keep, in (0, 1) (e.g. {flag} "
+                     f"0.5 halves it), or a whole absolute count greater than 1 (e.g. {flag} 2000000)")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Validate the structured flags of ``prunekit prune`` before anything is loaded, trained or written.
+
+    Without ``--structured`` its options must not be given (they would be ignored); with it, ``--criterion`` must
+    be a structured criterion, ``--allocation`` global or uniform (uniform only with a budget), the budget and
+    channel options in range, and the unstructured-only ``--include``/``--exclude``/``--regrow`` absent. Budgets
+    are normalised in place (a fraction stays a float, an absolute count becomes an int).
+
+    Args:
+        args: The parsed ``prune`` flags.
+
+    Raises:
+        ValueError: Naming the flag, its value and what to use instead.
+    """
+    if not args.structured:
+        for dest, default in _STRUCTURED_ONLY.items():
+            if getattr(args, dest) != default:
+                raise ValueError(f"{_flag(dest)} {getattr(args, dest)} is an option of structured pruning: add "
+                                 f"--structured, or drop {_flag(dest)}")
+        return
+    if args.criterion not in criterion_names():
+        raise ValueError(f"--criterion {args.criterion} is not a structured criterion; choose one of "
+                         f"{criterion_names()} (default {DEFAULT_CRITERION})")
+    for dest in ("include", "exclude"):
+        if getattr(args, dest):
+            raise ValueError(f"{_flag(dest)} selects single weights and is not supported with --structured (it "
+                             f"removes whole channels of every prunable layer): drop {_flag(dest)}")
+    if args.regrow:
+        raise ValueError("--regrow is not supported with --structured (pruned channels stay pruned): drop --regrow")
+    if args.macs is not None and args.params is not None:
+        raise ValueError(f"--macs {args.macs:g} and --params {args.params:g}: give one budget, not both")
+    for dest in ("macs", "params"):
+        if getattr(args, dest) is not None:
+            setattr(args, dest, _budget(_flag(dest), float(getattr(args, dest))))
+    budget = args.macs is not None or args.params is not None
+    if args.allocation not in STRUCTURED_ALLOCATIONS:
+        raise ValueError(f"--allocation {args.allocation} is not for structured pruning with fine-tuning; with "
+                         f"--structured it is one of {list(STRUCTURED_ALLOCATIONS)} (default global)")
+    if args.allocation != "global" and not budget:
+        raise ValueError(f"--allocation {args.allocation} spreads a --macs or --params budget over the layers; "
+                         f"--sparsity already removes that fraction of every group: add --macs/--params or drop "
+                         "--allocation")
+    if args.max_sparsity is not None and not 0.0 <= args.max_sparsity < 1.0:
+        raise ValueError(f"--max-sparsity {args.max_sparsity:g}: expected a fraction of a group in [0, 1), e.g. 0.8")
+    for dest, minimum in (("round_to", 1), ("min_channels", 1), ("calibration_batches", 1), ("drop_blocks", 0)):
+        if getattr(args, dest) < minimum:
+            raise ValueError(f"{_flag(dest)} {getattr(args, dest)}: expected a whole number >= {minimum}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,12 +131,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--structured", action="store_true",
                        help="remove whole channels/neurons (physically smaller model) instead of single weights; "
                             f"--criterion then is one of {criterion_names()}; --sparsity is per group")
-    group.add_argument("--macs", type=_budget, default=None,
-                       help="MAC budget instead of --sparsity: fraction of dense (<= 1) or absolute count; "
+    group.add_argument("--macs", type=float, default=None,
+                       help="MAC budget instead of --sparsity: fraction of dense in (0, 1) or absolute count; "
                             "--allocation global (rank units across groups) or uniform (the same fraction of every "
                             "group, usually faster on CPU for the same MACs) spreads it")
-    group.add_argument("--params", type=_budget, default=None,
-                       help="parameter budget instead of --sparsity: fraction of dense (<= 1) or absolute count")
+    group.add_argument("--params", type=float, default=None,
+                       help="parameter budget instead of --sparsity: fraction of dense in (0, 1) or absolute count")
     group.add_argument("--round-to", type=int, default=1, help="keep channel counts a multiple of this")
     group.add_argument("--min-channels", type=int, default=1, help="keep at least this many channels per group")
     group.add_argument("--max-sparsity", type=float, default=None,
@@ -73,6 +148,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for action in parser._actions:  # the unstructured --criterion lists only its own names
         if action.dest == "criterion" and action.choices is not None:
             action.choices = sorted(set(action.choices) | set(criterion_names()))
+            action.help = (f"{action.help} (default: {action.default}; {DEFAULT_CRITERION} with --structured)")
+            action.default = None  # resolved by the CLI: magnitude, or DEFAULT_CRITERION with --structured
 
 
 def _say(msg: str) -> None:
@@ -84,17 +161,27 @@ def _write_json(path: Path, doc: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``prunekit prune --structured`` (see the module docstring)."""
+    """Run ``prunekit prune --structured`` (see the module docstring).
+
+    Args:
+        args: The parsed ``prune`` flags (``--criterion`` None means :data:`DEFAULT_CRITERION`).
+
+    Returns:
+        The exit status, 0.
+
+    Raises:
+        ValueError: On bad flags, before anything is trained or written.
+    """
+    if args.criterion is None:
+        args.criterion = DEFAULT_CRITERION
+    check_arguments(args)
     tcfg = from_arguments(args, TrainConfig)
     pcfg = from_arguments(args, PruneConfig)
-    if args.criterion not in criterion_names():
-        raise ValueError(f"--criterion {args.criterion} is not a structured criterion; choose one of "
-                         f"{criterion_names()}")
     budget = {"macs": args.macs} if args.macs is not None else {"params": args.params} if args.params is not None \
         else {}
-    if budget and args.allocation not in ("global", "uniform"):
-        raise ValueError(f"--allocation {args.allocation} is not for structured pruning with fine-tuning; with "
-                         "--structured and a budget it is global or uniform")
+    # Something is always pruned with a budget; with zero epochs the schedule never fires and _run prunes at the end.
+    if tcfg.epochs != 0:
+        check_schedule(pcfg, tcfg.epochs, prunes=bool(budget) or pcfg.sparsity > 0)
     allocation = args.allocation if budget and args.allocation != "global" else None
     structured = {"criterion": args.criterion, "sparsity": None if budget else pcfg.sparsity, **budget,
                   **({"allocation": allocation} if allocation else {}),  # old run directories still match
@@ -112,7 +199,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(doc: dict[str, Any], tcfg: TrainConfig, pcfg: PruneConfig, out: Path, *, data_dir: str | None,
          progress: bool) -> dict[str, Any]:
+    """Train and prune as ``doc`` says into ``out``; everything that can fail on bad input runs before ``out`` is
+    created or ``config.json`` written."""
     config_file, ckpt_file, metrics_file = out / "config.json", out / "checkpoint.safetensors", out / "metrics.json"
+    check_out_dir(out)
     if config_file.exists() and json.loads(config_file.read_text()) != doc:
         raise ValueError(f"{out} holds a run with another configuration ({config_file}); choose another --out or "
                          "delete it")
@@ -121,8 +211,6 @@ def _run(doc: dict[str, Any], tcfg: TrainConfig, pcfg: PruneConfig, out: Path, *
         _say((out / "report.txt").read_text().rstrip() if (out / "report.txt").exists() else "")
         _say(f"already complete: test accuracy {metrics['test_accuracy']:.2%}; run directory: {out}")
         return metrics
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(config_file, doc)
     s = doc["structured"]
     train_data = load_dataset(doc["data"], "train", data_dir)
     if doc.get("train_subset"):
@@ -132,7 +220,7 @@ def _run(doc: dict[str, Any], tcfg: TrainConfig, pcfg: PruneConfig, out: Path, *
     model = get_model(doc["model"], width=doc["width"])
     if doc["weights"]:
         load_weights(model, doc["weights"])
-    example = torch.zeros(INPUT_SHAPE)
+    example = _example_inputs()
     calibration = [(x, y) for _, (x, y) in zip(range(s["calibration_batches"]),
                                                 batches(train_data, tcfg.batch_size, shuffle=True, seed=tcfg.seed))]
     before = evaluate(model, test_data).to_dict() if doc["weights"] else None
@@ -143,17 +231,26 @@ def _run(doc: dict[str, Any], tcfg: TrainConfig, pcfg: PruneConfig, out: Path, *
         teacher = copy.deepcopy(model)
     plans: list[Plan] = []
     if s["drop_blocks"]:
-        blocks = drop_blocks(model, example, calibration, n=s["drop_blocks"])
+        found = residual_blocks(model, example)
+        if len(found) < s["drop_blocks"]:
+            fix = f"use --drop-blocks <= {len(found)}" if found else "drop --drop-blocks"
+            raise ValueError(f"--drop-blocks {s['drop_blocks']}: {doc['model']} has {len(found)} residual blocks "
+                             f"({', '.join(found) or 'none'}); {fix}")
+        blocks = drop_blocks(model, example, calibration, n=s["drop_blocks"], blocks=found)
         blocks.apply(model)
         plans.append(blocks)
         _say("\n".join(blocks.notes))
     steps_per_epoch = tcfg.steps_per_epoch(len(train_data))
     target = {k: s[k] for k in ("macs", "params") if s.get(k) is not None}
+    if tcfg.epochs != 0:  # the schedule's last update must fall within the run (rounding can push it past the end)
+        check_schedule(pcfg, tcfg.epochs, steps_per_epoch, prunes=bool(target) or bool(s["sparsity"]))
     pruner = StructuredPruner(model, example, s["sparsity"], **target, allocation=s.get("allocation"),
                               schedule=build_schedule(pcfg, steps_per_epoch),
                               criterion=s["criterion"], data=calibration, round_to=s["round_to"],
                               min_channels=s["min_channels"], max_sparsity=s["max_sparsity"])
     opt, sched = make_optimizer(model, tcfg, steps_per_epoch * tcfg.epochs)
+    out.mkdir(parents=True, exist_ok=True)  # every check passed: the run directory starts here
+    _write_json(config_file, doc)
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if ckpt_file.exists():
