@@ -85,6 +85,8 @@ def test_llm_command_passes_the_calibration_inputs_choice(tiny_model_dir: Path, 
         (["--method", "wanda", "--sparsity", "0.5", "--model", "/nonexistent"], "not a Hugging Face model folder"),
         (["--method", "wanda", "--sparsity", "1.5"], r"\[0, 1\)"),
         (["--method", "wanda", "--pattern", "2:3"], "does not divide"),
+        (["--method", "wanda", "--sparsity", "0.5", "--calibration", "/nonexistent.txt"], "expected 'austen' or"),
+        (["--method", "wanda", "--sparsity", "0.5", "--batch-size", "0"], "--batch-size >= 1"),
     ],
 )
 def test_llm_command_bad_input(tiny_model_dir: Path, tmp_path: Path, args: list[str], message: str,
@@ -100,3 +102,4 @@ def test_llm_command_bad_input(tiny_model_dir: Path, tmp_path: Path, args: list[
     import re
 
     assert re.search(message, err), err
+    assert not (tmp_path / "o").exists()  # rejected before the output folder is made

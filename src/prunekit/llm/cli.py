@@ -94,6 +94,7 @@ def _run(args: argparse.Namespace) -> int:
     from prunekit.data.llm import load_causal_lm, smollm2
     from prunekit.data.text import NOVELS, austen, calibration_windows, eval_windows
     from prunekit.fileformat import json_text, write, write_text
+    from prunekit.config import check_out_dir
     from prunekit.targets import check_sparsity
 
     if args.n_calibration < 1 or args.seq_len < 2:
@@ -102,8 +103,12 @@ def _run(args: argparse.Namespace) -> int:
         prunekit.llm.parse_pattern(args.pattern)
     if args.sparsity is not None:
         check_sparsity(args.sparsity, "--sparsity")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.calibration != "austen" and not Path(args.calibration).is_file():
+        raise FileNotFoundError(f"--calibration {args.calibration!r}: expected 'austen' or a text file")
+    if args.batch_size < 1 or args.eval_windows < 0:
+        raise ValueError(f"need --batch-size >= 1 and --eval-windows >= 0, got {args.batch_size}, "
+                         f"{args.eval_windows}")
+    out = check_out_dir(args.out)  # made only when there is something to write
     progress = not args.quiet
     _say(f"loading {args.model}")
     model, tokenizer = smollm2() if args.model == "smollm2" else load_causal_lm(args.model)
@@ -145,6 +150,7 @@ def _run(args: argparse.Namespace) -> int:
         metrics["perplexity"] = prunekit.llm.perplexity(model, windows, progress=progress)
         metrics["eval_windows"] = len(windows)
         _say(f"perplexity {metrics['perplexity']:.2f} on {len(windows)} windows of Persuasion")
+    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     write(out / "masks.safetensors", dict(masks), {"method": args.method, "sparsity": masks.sparsity()}, kind="masks")
