@@ -178,15 +178,17 @@ def run_tool(tool: str, name: str, size: int) -> dict[str, Any]:
     return rec
 
 
-def in_child(tool: str, name: str, size: int, memory_gb: float, timeout: float) -> dict[str, Any]:
-    """Run one tool on one model in a fresh process with a memory cap and a time limit."""
+def in_child(tool: str, name: str, size: int, memory_gb: float, timeout: float, *, script: str = __file__,
+             prefix: str = NAME) -> dict[str, Any]:
+    """Run one tool on one model in a fresh process (``script --child TOOL NAME SIZE OUT``) with a memory cap and a
+    time limit; the child writes its record as JSON to OUT."""
     limit = int(memory_gb * 2**30)
 
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    out = RESULTS / f".{NAME}-{tool}-{os.getpid()}.json"
-    cmd = [sys.executable, __file__, "--child", tool, name, str(size), str(out)]
+    out = RESULTS / f".{prefix}-{tool}-{os.getpid()}.json"
+    cmd = [sys.executable, script, "--child", tool, name, str(size), str(out)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=cap)
     except subprocess.TimeoutExpired:
