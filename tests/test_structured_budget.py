@@ -385,3 +385,15 @@ def test_a_mac_budget_is_met_by_the_count_where_attention_matmuls_make_the_predi
     counted = count_macs(p.apply(copy.deepcopy(model)), x).total
     assert counted == p.macs[1] and 0.4 * p.macs[0] <= counted <= 0.5 * p.macs[0]
     assert not any("cannot be met" in n or "not reached" in n for n in p.notes), p.notes
+
+
+def test_round_to_falls_back_to_exact_fractions_only():
+    """A 16-channel group, half to prune: round_to=12 keeps 12 (a multiple); round_to=24 keeps 12 (its fraction 24/2);
+    with round_to=1000 none of 1000, 500, 250, 125 fits, so the target stands unrounded (was 15 of 16: halving went
+    on past the odd 125 to 62, 31, 15)."""
+    from prunekit.structured.planning import _rounded
+
+    assert 16 - _rounded(16, 8, 15, 0, 1, 12, 8) == 12
+    assert 16 - _rounded(16, 8, 15, 0, 1, 24, 8) == 12
+    assert 16 - _rounded(16, 8, 15, 0, 1, 1000, 8) == 8
+    assert _rounded(16, 8, 15, 0, 1, 16, 8) == 0  # 16 itself: the multiple nearest 8 pruned is 0 (ties: fewer)

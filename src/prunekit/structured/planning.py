@@ -285,6 +285,8 @@ def _rounded(n: int, target: int, most: int, fixed: int, width: int, round_to: i
         fits = [c for c in range(most + 1) if (fixed + (n - c) * width) % round_to == 0]
         if fits:
             return min(fits, key=lambda c: (abs(c - target), c))
+        if round_to % 2:  # only exact fractions: 1000 -> 500 -> 250 -> 125, not on to 62, 31, 15
+            break
         round_to //= 2
     return fallback
 
