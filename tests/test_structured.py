@@ -362,6 +362,33 @@ def test_a_literal_reshape_keeps_its_channels_and_the_rest_is_pruned():
         assert small(x).shape == (2, 10)
 
 
+class EmptyBatchHead(nn.Module):
+    """A head that runs on no data in the trace (a detector with no detections) and whose output channels size a
+    buffer through ``.shape`` only: torchvision's keypoint decoding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU(inplace=True), nn.Conv2d(8, 4, 1))
+
+    def forward(self, x):
+        f = torch.relu(self.stem(x))
+        found = self.head(f[:0])  # nothing detected
+        return torch.cat([f.mean((2, 3)), torch.zeros(x.shape[0], found.shape[1])], dim=1)
+
+
+def test_channels_that_ran_on_no_data_and_size_the_output_are_kept():
+    torch.manual_seed(0)
+    model, x = EmptyBatchHead().eval(), torch.randn(1, 3, 6, 6)
+    p = plan(model, x, 0.5)
+    pruned = {(s.name, s.dim) for s in p.slices}
+    assert ("head.2.weight", 0) not in pruned  # its 4 channels size the output through found.shape[1]
+    assert ("head.0.weight", 0) in pruned  # the head's hidden channels are not: the in-place ReLU reads them
+    assert any("produced on no data" in n and "'head.2'" in n for n in p.notes)
+    with torch.no_grad():
+        assert p.apply(copy.deepcopy(model))(x).shape == model(x).shape
+
+
 def test_layernorm_group_matches_its_own_smaller_definition():
     """Soft pruning cannot match here (LayerNorm normalises over the pruned channels): compare the physically
     pruned model with the same architecture built at the smaller width."""

@@ -195,6 +195,7 @@ class TraceState(LabelState):
         self.contracted: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.uniform_done: dict[tuple[int, int], torch.Tensor] = {}  # joint fields already made uniform along an axis
         self.consumed: set[tuple[int, int]] = set()  # (op index, output index) of every op output read by an op
+        self.made: set[tuple[int, int]] = set()  # ... of every new tensor an op made (not an in-place op's input)
         #: Modules whose labelled outputs held no data and went nowhere the trace could see (see :meth:`freeze_unexercised`)
         self.unexercised: list[str] = []
 
@@ -310,6 +311,7 @@ class TraceState(LabelState):
         for i, t in enumerate(outputs):
             if not any(t is x for x in inputs):  # (an in-place op's output is its input: made earlier)
                 self.producer[t] = (len(self.ops), i)
+                self.made.add((len(self.ops), i))
         self.ops.append(OpRecord(str(func), self.stack[-1][0], [tuple(t.shape) for t in outputs],
                                  [self.labels.get(t) or [] for t in outputs], checked))
 
@@ -324,7 +326,8 @@ class TraceState(LabelState):
         outputs = {self.producer.get(t) for t in tree_flatten(self.output)[0] if isinstance(t, torch.Tensor)}
         for i, rec in enumerate(self.ops):
             for j, (shape, fields) in enumerate(zip(rec.shapes, rec.fields)):
-                if fields and 0 in shape and (i, j) not in self.consumed and (i, j) not in outputs:
+                if fields and 0 in shape and (i, j) in self.made and (i, j) not in self.consumed \
+                        and (i, j) not in outputs:
                     self.freeze_fields(fields)
                     if rec.module not in self.unexercised:
                         self.unexercised.append(rec.module)
