@@ -812,9 +812,17 @@ def render_llm_validation(doc: dict[str, Any]) -> tuple[str, list[str]]:
     return "LLM defaults chosen on validation text", lines
 
 
+CONV_NAMES = {"conv2": "Conv-2", "conv4": "Conv-4", "conv6": "Conv-6"}
+
+
 @renders("lottery.json")
+@renders("lottery_*.json")
 def render_lottery(doc: dict[str, Any]) -> tuple[str, list[str]]:
-    """Issue 6: the winning ticket vs its controls per level (mean ± std over seeds)."""
+    """Issue 6: the winning ticket vs its controls per level (mean ± std over seeds), per model.
+
+    ``lottery.json`` holds LeNet-300-100 / MNIST (the bold bar); ``lottery_<models>.json`` the Conv nets on
+    Fashion-MNIST (a report), each run by ``benchmarks/lottery.py --models ...``.
+    """
     def cell(entry: Any) -> str:
         acc = dig(entry, "accuracy")
         if not isinstance(acc, dict) or not is_number(acc.get("mean")):
@@ -847,7 +855,11 @@ def render_lottery(doc: dict[str, Any]) -> tuple[str, list[str]]:
             met = bool(bar) and all(bar) and len(bar) >= 8
             lines += ["", f"Goal (bold): at every level from 20% to 3.6% of weights left, ticket > reinit (mean): "
                           f"{sum(bar)} of {len(bar)} levels — {fmt_status(met if bar else None)}"]
-    return "Lottery tickets (Frankle & Carbin 2019), rewinding to init", lines
+    title = "Lottery tickets (Frankle & Carbin 2019), rewinding to init"
+    models = [m for m in as_dict(doc.get("summary")) if m != "lenet300"]
+    if models:
+        title += ": " + ", ".join(CONV_NAMES.get(m, m) for m in models) + " on Fashion-MNIST (report)"
+    return title, lines
 
 
 @renders("search_vs_grid.json")
@@ -936,26 +948,40 @@ def render_timm_coverage(doc: dict[str, Any]) -> tuple[str, list[str]]:
     return title, lines
 
 
-@renders("lottery_*.json")
-def render_generic_summary(doc: dict[str, Any]) -> tuple[str, list[str]]:
-    """Files without a dedicated renderer yet: the scalar fields of the ``summary`` rows, as stored."""
-    summary = doc.get("summary")
-    if isinstance(summary, dict):
-        rows_in = [{"name": k, **v} for k, v in summary.items() if isinstance(v, dict)]
-    else:
-        rows_in = [r for r in as_list(summary) if isinstance(r, dict)]
-    columns: list[str] = []
-    for r in rows_in:
-        columns += [k for k, v in r.items() if k not in columns and (v is None or isinstance(v, (str, int, float)))]
+TASK_FAMILIES = {"rcnn": "two-stage detection", "dense": "one-stage detection", "ssd": "SSD detection",
+                 "seg": "segmentation", "video": "video classification", "flow": "optical flow"}
 
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return MISSING if v is None else str(v)
 
-    rows = [[cell(r.get(c)) for c in columns] for r in rows_in]
-    title = doc.get("experiment") or doc.get("benchmark") or "results"
-    return str(title), md_table(columns or ["summary"], rows)
+@renders("task_coverage.json")
+def render_task_coverage(doc: dict[str, Any]) -> tuple[str, list[str]]:
+    title = "Coverage beyond classification: torchvision detection, segmentation, video and optical flow"
+    runs = {k: r for k, r in as_dict(doc.get("runs")).items() if isinstance(r, dict)}
+    if not runs:
+        return title, [f"Models pruned and checked: {NOT_MEASURED}"]
+
+    def cell(r: dict[str, Any], tool: str) -> str:
+        rec = as_dict(r.get(tool))
+        if rec.get("status") != "ok":
+            return f"fails at {rec.get('stage', '?')}: {str(rec.get('error', '?')).split(':')[0]}"
+        red = ratio_of(r.get("dense_macs"), rec.get("macs"))
+        kept = any(w in n for n in as_list(rec.get("notes")) for w in ("whole mended", "keeping the channels"))
+        return f"{fmt_ratio(red)} fewer MACs" + (" (kept some modules whole)" if kept else "")
+
+    rows = [[name, TASK_FAMILIES.get(str(r.get("family")), str(r.get("family"))), cell(r, "ours"), cell(r, "tp")]
+            for name, r in runs.items()]
+    ok = {t: sum(as_dict(r.get(t)).get("status") == "ok" for r in runs.values()) for t in ("ours", "tp")}
+    lines = [f"{len(runs)} torchvision models (random weights), half of the channels removed by each tool, each in a "
+             "process of its own. prunekit: no ignore list; checked that the pruned model runs end to end, that its "
+             "heads (class and box logits on fixed boxes, segmentation maps, video logits, flow) keep their size, that "
+             "0% pruning leaves them bit-identical and that soft == physical pruning where that holds. Torch-Pruning: "
+             "its own torchvision recipe with the ignore lists it writes per detector family (FPN, RoI heads, logits); "
+             "checked that it runs and keeps the heads' size. MACs by one counter, end to end; for the R-CNNs, whose "
+             "heads run once per surviving proposal, the backbone, FPN and RPN plus the box head on 1,000 proposals "
+             "and the mask or keypoint head on 100 detections (torchvision's evaluation defaults). "
+             f"Pruned and checked: prunekit {ok['ours']} / {len(runs)}, Torch-Pruning {ok['tp']} / {len(runs)}. "
+             "Per model: `benchmarks/results/task_coverage.md`.", ""]
+    lines += md_table(["model", "task", "prunekit", "Torch-Pruning 1.6.1 (its recipe)"], rows)
+    return title, lines
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -196,7 +196,7 @@ class TraceState(LabelState):
         self.uniform_done: dict[tuple[int, int], torch.Tensor] = {}  # joint fields already made uniform along an axis
         self.consumed: set[tuple[int, int]] = set()  # (op index, output index) of every op output read by an op
         self.made: set[tuple[int, int]] = set()  # ... of every new tensor an op made (not an in-place op's input)
-        #: Modules whose labelled outputs held no data and went nowhere the trace could see (see :meth:`freeze_unexercised`)
+        #: Modules whose labelled outputs held no data and went nowhere (see :meth:`freeze_unexercised`)
         self.unexercised: list[str] = []
 
     # --- labels ------------------------------------------------------------------------------------------------
