@@ -389,6 +389,53 @@ def test_channels_that_ran_on_no_data_and_size_the_output_are_kept():
         assert p.apply(copy.deepcopy(model))(x).shape == model(x).shape
 
 
+class GRUStep(nn.Module):
+    """An update block that keeps its hidden width in an attribute, as RAFT's does."""
+
+    def __init__(self, hidden: int, context: int) -> None:
+        super().__init__()
+        self.hidden_state_size = hidden
+        self.conv = nn.Conv2d(hidden + context, hidden, 3, padding=1)
+
+    def forward(self, h, ctx):
+        return torch.tanh(self.conv(torch.cat([h, ctx], dim=1))) + h
+
+
+class UnequalSplit(nn.Module):
+    """RAFT's context split: ``[update.hidden_state_size, the rest]`` (or, ``literal``, ``[8, the rest]``)."""
+
+    def __init__(self, literal: bool = False) -> None:
+        super().__init__()
+        self.literal = literal
+        self.encoder, self.update, self.head = nn.Conv2d(3, 12, 1), GRUStep(8, 4), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        e = self.encoder(x)
+        first = 8 if self.literal else self.update.hidden_state_size
+        h, ctx = torch.split(e, [first, e.shape[1] - first], dim=1)
+        return self.head(self.update(torch.tanh(h), torch.relu(ctx)))
+
+
+def test_unequal_split_whose_sizes_an_attribute_holds_prunes_each_piece():
+    torch.manual_seed(0)
+    model, x = UnequalSplit(), torch.randn(1, 3, 5, 5)
+    p = plan(model, x, 0.5)
+    assert len(_keep(p, "encoder.weight", 0)) == 6 and not p.notes  # 4 of the 8 hidden, 2 of the 4 context
+    assert {"hidden_state_size": 4} in [u.set for u in p.modules if u.name == "update"]
+    small = _soft_equals_physical(model, x, p)
+    assert small.update.hidden_state_size == 4 and small.update.conv.weight.shape[:2] == (4, 6)
+
+
+def test_unequal_split_by_a_literal_keeps_its_channels():
+    torch.manual_seed(0)
+    model, x = UnequalSplit(literal=True), torch.randn(1, 3, 5, 5)
+    p = plan(model, x, 0.5)  # the attribute equals the literal 8: the check run finds out, the fallback keeps them
+    assert not any(s.name == "encoder.weight" and s.dim == 0 for s in p.slices)
+    assert any("torch.split" in n and "mended" in n for n in p.notes)
+    with torch.no_grad():
+        assert p.apply(copy.deepcopy(model))(x).shape == (1, 2, 5, 5)
+
+
 def test_layernorm_group_matches_its_own_smaller_definition():
     """Soft pruning cannot match here (LayerNorm normalises over the pruned channels): compare the physically
     pruned model with the same architecture built at the smaller width."""

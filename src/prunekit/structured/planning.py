@@ -1180,7 +1180,7 @@ def _size_attributes(graph: DependencyGraph, pruned_atom: torch.Tensor) -> dict[
         if kept == piece.numel():
             continue
         for attr, multiple in split.attributes.items():
-            changed.setdefault((split.module, attr), set()).add(multiple * kept)
+            changed.setdefault(_owner(split.module, attr), set()).add(multiple * kept)
         for attr in split.lists:
             changed.setdefault((split.module, attr), set()).add((kept,) * split.grid.shape[0])
     calls = graph.state.calls

@@ -466,8 +466,12 @@ def split(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> Non
             continue
         ax = f.dims.index(dim)
         if len(f.dims) == 1:
+            if not removed and len(set(sizes)) > 1 and _unequal_split(st, f.atoms, sizes):
+                for k in range(len(pieces)):  # each piece its own channels, its size held by an attribute
+                    new[k].append(Field(f.dims, f.atoms.narrow(0, offsets[k], sizes[k])))
+                continue
             if removed or len(set(sizes)) != 1 or len(pieces) < 2:
-                st.freeze(f.atoms)  # unequal pieces: sizes are constants of the code
+                st.freeze(f.atoms)  # unequal pieces whose sizes no attribute holds: constants of the code
                 continue
             grid = f.atoms.reshape(len(pieces), sizes[0])
             if st.split_call is not None and st.split_call[0] == "size" and not _size_split(st, grid):
@@ -486,6 +490,35 @@ def split(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> Non
             new[k].append(g)
     for p, fields in zip(pieces, new):
         st.set_fields(p, fields)
+
+
+def _unequal_split(st: TraceState, atoms: torch.Tensor, sizes: list[int]) -> bool:
+    """Record ``torch.split(x, [a, b, ...])`` into unequal pieces when the plan can update their sizes: every piece
+    but at most one (whose size the code may compute from the total, as RAFT's ``x.shape[1] - hidden``) has integer
+    attributes of the running module, or of a direct child not from torch (``update_block.hidden_state_size``),
+    whose name says they are a size and whose value is that piece's size. Each piece is then pruned on its own and
+    its attributes follow its kept count (one :class:`~prunekit.structured.tracer.SizeSplit` per piece). False (the
+    channels are kept) otherwise, or under ``st.freeze_size_splits``; the check run catches a size that was a
+    literal after all, and the plan's fallbacks keep those channels."""
+    from prunekit.structured.tracer import SizeSplit
+
+    if st.split_call is None or st.split_call[0] != "size" or st.freeze_size_splits is not None:
+        return False
+    name, module = st.stack[-1]
+    owners = [("", module)] + [(f"{n}.", c) for n, c in module.named_children() if not _from_torch(c)]
+    sizes_of = {p + k: v for p, m in owners for k, v in _int_attributes(m).items()
+                if v > 1 and any(w in k.lower() for w in _SIZE_WORDS)}
+    held = [[k for k, v in sizes_of.items() if v == size] for size in sizes]
+    if sum(not h for h in held) > 1:
+        return False
+    start = 0
+    for size, attrs in zip(sizes, held):
+        if attrs:
+            grid = atoms[start:start + size].reshape(1, size)
+            st.size_splits.append(SizeSplit(name, f"split by {list(sizes)!r}: the piece of {size}", grid,
+                                            {a: 1 for a in attrs}))
+        start += size
+    return True
 
 
 def _size_split(st: TraceState, grid: torch.Tensor) -> bool:
