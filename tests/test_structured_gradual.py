@@ -121,6 +121,15 @@ def test_iterative_budget_pruning_through_the_train_loop_and_resuming():
     assert count_macs(small, x).total <= 0.5 * dense
 
 
+def test_drop_blocks_leaves_a_training_model_as_it_was():
+    torch.manual_seed(0)
+    model = get_model("resnet20").train()
+    before = copy.deepcopy(model.state_dict())
+    drop_blocks(model, torch.randn(1, 1, 28, 28), [torch.randn(8, 1, 28, 28)], n=1)
+    after = model.state_dict()
+    assert model.training and all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics too
+
+
 def test_residual_blocks_are_found_and_the_least_harmful_is_dropped(tmp_path):
     torch.manual_seed(0)
     model = get_model("resnet20").eval()

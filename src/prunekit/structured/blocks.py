@@ -224,13 +224,12 @@ def drop_blocks(model: nn.Module, example_inputs: Any, data: Iterable[Any], n: i
             chosen.append(best)
             notes.append(f"drop_blocks: without {best}: loss {best_loss:.5g} (candidates: "
                          + ", ".join(f"{b} {v:.4g}" for v, b in sorted(trials)[:6]) + ")")
+        args, kwargs = _split_inputs(example_inputs)
+        output = model(*args, **kwargs)  # in eval mode: a model in training mode keeps its BatchNorm statistics
+        shapes = [tuple(t.shape) for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
     finally:
         for m, mode in modes.items():
             m.training = mode
-    args, kwargs = _split_inputs(example_inputs)
-    with torch.no_grad():
-        output = model(*args, **kwargs)
-    shapes = [tuple(t.shape) for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
     result = Plan([], [ModuleUpdate(b, type(names[b]).__name__, {}, "torch.nn.Identity") for b in chosen],
                   criterion="drop_blocks", output_shapes=shapes)
     result.notes = notes
