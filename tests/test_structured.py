@@ -607,6 +607,9 @@ def test_plan_json_round_trip_and_replay_on_a_fresh_instance(tmp_path):
     with torch.no_grad():
         assert torch.equal(replayed(x), small(x))
     # stored without pickle: weights + plan in prunekit's file format, loaded into a fresh instance
+    with pytest.raises(ValueError, match="not the one this plan pruned"):  # the unpruned model: a clear error
+        save(model, tmp_path / "dense.safetensors", p)
+    assert not (tmp_path / "dense.safetensors").exists()
     path = save(small, tmp_path / "small.safetensors", p)
     loaded = load(path, make(), example_inputs=x)
     with torch.no_grad():

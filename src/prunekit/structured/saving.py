@@ -44,6 +44,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], plan: Plan | Sequence[P
 
     Raises:
         TypeError: If ``plan`` is not a :class:`Plan` (or a list of them) or ``model`` not a module.
+        ValueError: If ``model`` is not the model the (last) plan pruned (e.g. the unpruned one).
     """
     if isinstance(path, nn.Module) and isinstance(model, (str, os.PathLike)):
         raise TypeError("prunekit.structured.save(model, path, plan): the model comes first, then the path "
@@ -53,8 +54,16 @@ def save(model: nn.Module, path: str | os.PathLike[str], plan: Plan | Sequence[P
         raise TypeError(f"plan must be a prunekit.structured.Plan or a non-empty list of them, got {plan!r:.80}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    tensors = model.state_dict()
+    for s in plans[-1].slices:  # the model must be the pruned one: load() rebuilds exactly these shapes
+        t = tensors.get(s.name)
+        if t is None or t.dim() <= s.dim or t.shape[s.dim] != len(s.keep):
+            got = "no such tensor" if t is None else f"shape {tuple(t.shape)}"
+            raise ValueError(f"the model is not the one this plan pruned: its {s.name!r} has {got}, the plan keeps "
+                             f"{len(s.keep)} of {s.size} along dim {s.dim}. Save the pruned model: "
+                             "small = plan.apply(model); prunekit.structured.save(small, path, plan)")
     meta = {"plan": plans[0].to_dict()} if len(plans) == 1 else {"plans": [p.to_dict() for p in plans]}
-    return write(path, model.state_dict(), meta, kind=KIND)
+    return write(path, tensors, meta, kind=KIND)
 
 
 def load(path: str | os.PathLike[str], model: nn.Module, *, example_inputs: Any = None) -> nn.Module:
