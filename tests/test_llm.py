@@ -259,6 +259,8 @@ def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:
         (torch.randint(0, VOCAB, (8,)), ValueError, r"shape \(8,\).*ids\[None\]"),
         (torch.full((2, 8), VOCAB + 5), ValueError, rf"vocabulary is \[0, {VOCAB}\)"),
         ([], ValueError, "empty"),
+        (torch.randint(0, VOCAB, (0, 8)), ValueError, r"empty: batch 0 has shape \(0, 8\)"),
+        ([torch.randint(0, VOCAB, (2, 0))], ValueError, r"batch 0 has shape \(2, 0\)"),
         ([{"attention_mask": torch.ones(1, 4)}], ValueError, "without 'input_ids'"),
         ("some text", TypeError, "tensor of token ids"),
         (None, ValueError, "needs calibration data"),

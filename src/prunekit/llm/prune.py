@@ -140,6 +140,11 @@ def calibration_batches(
         )
     if not batches:
         raise ValueError(f"{what} data is empty; give at least one batch of token ids")
+    for i, b in enumerate(batches):
+        ids = b.get("input_ids") if isinstance(b, Mapping) else b
+        if isinstance(ids, torch.Tensor) and ids.numel() == 0:
+            raise ValueError(f"{what} data is empty: batch {i} has shape {tuple(ids.shape)}; give at least one "
+                             "sequence of at least one token")
     return batches
 
 
