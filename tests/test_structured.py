@@ -652,6 +652,10 @@ def test_applying_twice_or_to_another_model_is_refused(tmp_path):
         p.apply(model)
     with pytest.raises(PlanApplyError, match="does not have"):
         p.apply(nn.Linear(2, 2))
+    small = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))  # the same first layers as a bigger model
+    bigger = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2), nn.ReLU(), nn.Linear(2, 2))
+    with pytest.raises(PlanApplyError, match="made for a 58-parameter model and this Sequential has 64"):
+        plan(small, torch.randn(2, 4), 0.5).apply(bigger)
     with pytest.raises(ValueError, match="not a prunekit structured plan"):
         Plan.from_dict({"format": "other"})
     (tmp_path / "junk.safetensors").write_bytes(b"junk")

@@ -21,7 +21,7 @@ from torch.nn.modules import module as module_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from prunekit.flops import _split_inputs, count_macs
+from prunekit.flops import _split_inputs, count_macs, count_params
 from prunekit.structured.modules import REPLACEMENTS
 
 if TYPE_CHECKING:
@@ -82,7 +82,8 @@ def _lookup(model: nn.Module, name: str) -> torch.Tensor:
 
 
 def check_fits(plan: Plan, model: nn.Module) -> None:
-    """Raise :class:`PlanApplyError` unless every tensor the plan prunes exists with the size it expects."""
+    """Raise :class:`PlanApplyError` unless the model has as many parameters as the one the plan was made for and
+    every tensor the plan prunes exists with the size it expects."""
     for s in plan.slices:
         t = _lookup(model, s.name)
         if s.dim >= t.dim() or t.shape[s.dim] != s.size:
@@ -90,6 +91,14 @@ def check_fits(plan: Plan, model: nn.Module) -> None:
             raise PlanApplyError(
                 f"tensor {s.name!r} has shape {got}; the plan expects size {s.size} along dim {s.dim}. The plan was "
                 "made for another model, or it was already applied to this one (apply it to a fresh instance)."
+            )
+    if plan.params and plan.slices:  # every pruned tensor fits, yet the model is bigger (resnet18's plan, resnet34)
+        have = count_params(model)
+        if have != plan.params[0]:
+            raise PlanApplyError(
+                f"the plan was made for a {plan.params[0]:,}-parameter model and this {type(model).__name__} has "
+                f"{have:,}: it is another model (or the plan was already applied to it). Make a plan for this model, "
+                "or apply this one to a fresh instance of the model it was made for."
             )
 
 
