@@ -397,3 +397,20 @@ def test_round_to_falls_back_to_exact_fractions_only():
     assert 16 - _rounded(16, 8, 15, 0, 1, 24, 8) == 12
     assert 16 - _rounded(16, 8, 15, 0, 1, 1000, 8) == 8
     assert _rounded(16, 8, 15, 0, 1, 16, 8) == 0  # 16 itself: the multiple nearest 8 pruned is 0 (ties: fewer)
+
+
+def test_latency_target_not_reached_keeps_the_faster_of_dense_and_everything_removed(monkeypatch):
+    """Where the target is out of reach and removing everything prunable measured no faster than dense (thin layers
+    run below their MAC rate; a busy machine), the dense model is kept, not the slower one."""
+    import prunekit.structured.planning as planning
+    from prunekit.structured.latency import Latency
+
+    def slower_when_smaller(models, inputs, **kwargs):  # a stand-in clock: fewer parameters, more time
+        models = models if isinstance(models, dict) else {"model": models}
+        return {k: Latency(1e-3 * (1 + 1e5 / count_params(m)), (0.0,), 1) for k, m in models.items()}
+
+    monkeypatch.setattr(planning, "measure_latency", slower_when_smaller)
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 4)), torch.randn(8, 64)
+    p = plan(model, x, latency=LatencyTarget(fraction=0.5, repeats=3, warmup=1))
+    assert not p.slices and any("not reached" in n and "kept the dense model" in n for n in p.notes)
