@@ -436,6 +436,15 @@ def test_unequal_split_by_a_literal_keeps_its_channels():
         assert p.apply(copy.deepcopy(model))(x).shape == (1, 2, 5, 5)
 
 
+def test_tracing_leaves_no_global_hook_behind():
+    from torch.nn.modules import module as module_hooks
+
+    before = dict(module_hooks._global_forward_hooks_with_kwargs)
+    trace(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), torch.randn(1, 3))
+    assert dict(module_hooks._global_forward_hooks_with_kwargs) == before  # (torch.compile warns otherwise)
+    assert not module_hooks._global_forward_hooks and not module_hooks._global_forward_pre_hooks
+
+
 def test_layernorm_group_matches_its_own_smaller_definition():
     """Soft pruning cannot match here (LayerNorm normalises over the pruned channels): compare the physically
     pruned model with the same architecture built at the smaller width."""

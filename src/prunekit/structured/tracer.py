@@ -516,6 +516,9 @@ def run_trace(
     finally:
         pre.remove()
         post.remove()
+        # torch leaves a global with_kwargs hook's entry behind on remove(), and torch.compile then warns about
+        # global hooks on every later module call
+        getattr(module_hooks, "_global_forward_hooks_with_kwargs", {}).pop(post.id, None)
     output = state.output
     for t in tree_flatten(output)[0]:
         if isinstance(t, torch.Tensor):
