@@ -224,6 +224,15 @@ def test_transformer_encoder_trains_several_steps():
     assert pruner.masks.sparsity() == pytest.approx(0.5, abs=1e-4)
     w = enc.layers[1].self_attn.out_proj.weight
     assert (w[~pruner.masks["layers.1.self_attn.out_proj.weight"]] == 0).all()
+    # the query/key/value projections, a raw parameter of MultiheadAttention, are pruned by default too
+    qkv = enc.layers[1].self_attn.in_proj_weight
+    mask = pruner.masks["layers.1.self_attn.in_proj_weight"]
+    assert (qkv[~mask] == 0).all() and 0.2 < 1 - mask.float().mean() < 0.8
+    with torch.no_grad():  # and the layer computes with them: its output is that of the same weights, masked
+        ref = copy.deepcopy(enc)
+        ref.layers[1].self_attn.in_proj_weight.mul_(mask)
+        x = torch.randn(2, 6, 32)
+        assert torch.allclose(enc.eval()(x), ref.eval()(x))
 
 
 def test_include_exclude_types_and_overrides():

@@ -84,6 +84,8 @@ def test_macs_outside_prunable_weights_stay_dense():
     assert (rows["attn.in_proj_weight"].dense_macs, rows["attn.out_proj.weight"].dense_macs) == (7680, 2560)
     assert r.dense_macs == 7680 + 2560 + 1600
     assert r.effective_macs == 1600  # QK^T and AV read no weight
+    unmasked = {row.name: row.kind for row in report(model).rows}  # prunable by default, as the Pruner has them
+    assert unmasked["attn.in_proj_weight"] == "MultiheadAttention" and "attn.out_proj.weight" in unmasked
 
 
 def test_tied_weights_appear_once_and_masks_accept_any_name():

@@ -3,7 +3,8 @@
 The report only reads the model and the masks; it never changes them.
 
 Prunable tensors are the weights of the module types the pruner prunes by default
-(``prunekit.targets.DEFAULT_TYPES``: ``nn.Linear``, ``nn.Conv*``, ``nn.ConvTranspose*``) plus every tensor named in
+(``prunekit.targets.DEFAULT_TYPES``: ``nn.Linear``, ``nn.Conv*``, ``nn.ConvTranspose*``, and the query/key/value
+projections of ``nn.MultiheadAttention``) plus every tensor named in
 ``masks``. Sparsity is the fraction of entries pruned, in [0, 1]: an entry is kept where its mask is True, or, for a
 tensor without a mask, where it is non-zero. Sparsity over no entries (a model without prunable tensors) is 0.0:
 nothing was pruned, so every number stays finite and the report works on any model.
@@ -246,8 +247,13 @@ def report(
     params = dict(model.named_parameters())  # tied weights once, under their first name
     canonical = {id(p): name for name, p in params.items()}
     masks = _check_masks(masks, model, canonical)
-    kinds = {canonical[id(m.weight)]: type(m).__name__ for m in model.modules()
-             if isinstance(m, DEFAULT_TYPES) and isinstance(m.weight, nn.Parameter)}
+    kinds = {canonical[id(w)]: type(m).__name__ for m in model.modules()
+             if isinstance(m, DEFAULT_TYPES) and isinstance(w := getattr(m, "weight", None), nn.Parameter)}
+    for m in model.modules():  # nn.MultiheadAttention's q/k/v projections, which the pruner prunes by default
+        if isinstance(m, nn.MultiheadAttention):
+            for n, p in m.named_parameters(recurse=False):
+                if n.endswith("proj_weight") and id(p) in canonical:
+                    kinds.setdefault(canonical[id(p)], type(m).__name__)
     for name in masks:
         kinds.setdefault(name, type(model.get_submodule(name.rpartition(".")[0])).__name__)
     macs = _count_macs(model, example_inputs) if example_inputs is not None else None

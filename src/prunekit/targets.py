@@ -18,6 +18,7 @@ DEFAULT_TYPES: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose1d,
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
+    nn.MultiheadAttention,
 )
 
 
@@ -46,9 +47,11 @@ def find_prunable(
 ) -> dict[str, nn.Parameter]:
     """Find the parameters to prune, keyed by fully qualified name.
 
-    By default these are the ``weight`` of every module whose type is in ``types`` (Linear and Conv layers); for
-    recurrent modules (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``, which have no ``weight``) named in ``types``, their weight
-    matrices ``weight_ih_l{k}``, ``weight_hh_l{k}`` (and ``weight_hr_l{k}``, ``*_reverse``), not the biases. Patterns
+    By default these are the ``weight`` of every module whose type is in ``types`` (Linear and Conv layers) and the
+    query/key/value projections of ``nn.MultiheadAttention`` (``in_proj_weight``, or ``q/k/v_proj_weight``; its
+    ``out_proj`` is a Linear); for recurrent modules (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``, which have no ``weight``)
+    named in ``types``, their weight matrices ``weight_ih_l{k}``, ``weight_hh_l{k}`` (and ``weight_hr_l{k}``,
+    ``*_reverse``), not the biases. Patterns
     are shell-style globs (:func:`fnmatch.fnmatchcase`) matched against the parameter's fully qualified name, e.g.
     ``"features.*.weight"``. A parameter shared by several modules (tied weights) appears once, under its first name.
 
@@ -104,6 +107,9 @@ def find_prunable(
             if isinstance(module, nn.RNNBase):  # RNN/LSTM/GRU have no `.weight`: weight_ih_l0, weight_hh_l0, ...
                 default_names.update(prefix + n for n, _ in module.named_parameters(recurse=False)
                                      if n.startswith("weight_"))
+            elif isinstance(module, nn.MultiheadAttention):  # its q/k/v projections (out_proj is a Linear)
+                default_names.update(prefix + n for n, _ in module.named_parameters(recurse=False)
+                                     if n in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"))
             elif isinstance(getattr(module, "weight", None), nn.Parameter):
                 default_names.add(prefix + "weight")
         chosen = [n for n in all_params if n in default_names]
