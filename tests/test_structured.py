@@ -436,6 +436,13 @@ def test_unequal_split_by_a_literal_keeps_its_channels():
         assert p.apply(copy.deepcopy(model))(x).shape == (1, 2, 5, 5)
 
 
+def test_a_bare_handled_module_as_the_model_says_to_wrap_it():
+    with pytest.raises(UnsupportedOpError, match=r"follows a LSTM inside a model, not as the model itself.*wrap it"):
+        plan(nn.LSTM(4, 8, num_layers=2, batch_first=True), torch.randn(2, 3, 4), 0.5)
+    wrapped = nn.Sequential(nn.LSTM(4, 8, num_layers=2, batch_first=True))
+    plan(wrapped, torch.randn(2, 3, 4), 0.5)  # runs (all of its outputs, h_n of both layers too, keep their size)
+
+
 def test_tracing_leaves_no_global_hook_behind():
     from torch.nn.modules import module as module_hooks
 

@@ -276,6 +276,11 @@ class TraceState(LabelState):
         where = f"module {name!r} ({kind})" if name else f"the model's own forward ({kind})"
         path = " > ".join(f"{n or '<model>'} ({type(m).__name__})" for n, m in self.stack)
         leaf = f"leaves=[{name!r}] (or leaves=[{kind}])" if name else "leaves=[<the submodule that runs it>]"
+        if not name and self.handlers.find(module) is not None:
+            raise UnsupportedOpError(
+                f"prunekit.structured follows a {kind} inside a model, not as the model itself ({func}: {detail}). "
+                f"Fix: wrap it, e.g. plan(nn.Sequential(model), ...), or in the module that uses it."
+            )
         raise UnsupportedOpError(
             f"prunekit.structured cannot follow {func} in {where}, module path {path}: {detail}. Fix: keep the "
             f"module whole with {leaf}, which freezes its parameters, inputs and outputs, or teach prunekit the "
