@@ -420,10 +420,35 @@ def test_unequal_split_whose_sizes_an_attribute_holds_prunes_each_piece():
     torch.manual_seed(0)
     model, x = UnequalSplit(), torch.randn(1, 3, 5, 5)
     p = plan(model, x, 0.5)
-    assert len(_keep(p, "encoder.weight", 0)) == 6 and not p.notes  # 4 of the 8 hidden, 2 of the 4 context
-    assert {"hidden_state_size": 4} in [u.set for u in p.modules if u.name == "update"]
+    # 4 of the 8 hidden channels go; the context piece, whose size no attribute holds, keeps its 4
+    assert _keep(p, "encoder.weight", 0)[-4:] == [8, 9, 10, 11] and len(_keep(p, "encoder.weight", 0)) == 8
+    assert {"hidden_state_size": 4} in [u.set for u in p.modules if u.name == "update"] and not p.notes
     small = _soft_equals_physical(model, x, p)
-    assert small.update.hidden_state_size == 4 and small.update.conv.weight.shape[:2] == (4, 6)
+    assert small.update.hidden_state_size == 4 and small.update.conv.weight.shape[:2] == (4, 8)
+
+
+class QKVSplit(nn.Module):
+    """timm's MobileViTv2 attention split: ``qkv.split([1, embed_dim, embed_dim])`` (a literal 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_dim = 8
+        self.qkv, self.out = nn.Conv2d(4, 17, 1), nn.Conv2d(16, 3, 1)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).split([1, self.embed_dim, self.embed_dim], dim=1)
+        return self.out(torch.cat([k * torch.sigmoid(q), v], dim=1))
+
+
+def test_unequal_pieces_sized_by_one_attribute_are_pruned_alike():
+    torch.manual_seed(0)
+    model, x = QKVSplit(), torch.randn(1, 4, 3, 3)
+    p = plan(model, x, 0.5)
+    keep = _keep(p, "qkv.weight", 0)
+    assert keep[0] == 0 and len(keep) == 9 and not p.notes  # the query's literal 1 kept; k and v halved alike
+    assert [k - 1 for k in keep[1:5]] == [k - 9 for k in keep[5:]]
+    assert {"embed_dim": 4} in [u.set for u in p.modules if u.name == ""]
+    _soft_equals_physical(model, x, p)
 
 
 def test_unequal_split_by_a_literal_keeps_its_channels():

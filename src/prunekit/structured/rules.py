@@ -494,10 +494,12 @@ def split(st: TraceState, func: Any, args: tuple, kwargs: dict, out: Any) -> Non
 
 def _unequal_split(st: TraceState, atoms: torch.Tensor, sizes: list[int]) -> bool:
     """Record ``torch.split(x, [a, b, ...])`` into unequal pieces when the plan can update their sizes: every piece
-    but at most one (whose size the code may compute from the total, as RAFT's ``x.shape[1] - hidden``) has integer
-    attributes of the running module, or of a direct child not from torch (``update_block.hidden_state_size``),
-    whose name says they are a size and whose value is that piece's size. Each piece is then pruned on its own and
-    its attributes follow its kept count (one :class:`~prunekit.structured.tracer.SizeSplit` per piece). False (the
+    but at most one has integer attributes of the running module, or of a direct child not from torch
+    (``update_block.hidden_state_size``), whose name says they are a size and whose value is that piece's size. The
+    other piece keeps its channels (its size may be a literal, as timm's ``qkv.split([1, dim, dim])``, or computed
+    from the total, as RAFT's ``x.shape[1] - hidden``). Each piece is then pruned on its own (pieces
+    sized by the same attributes alike) and its attributes follow its kept count (one
+    :class:`~prunekit.structured.tracer.SizeSplit` per piece). False (the
     channels are kept) otherwise, or under ``st.freeze_size_splits``; the check run catches a size that was a
     literal after all, and the plan's fallbacks keep those channels."""
     from prunekit.structured.tracer import SizeSplit
@@ -511,13 +513,20 @@ def _unequal_split(st: TraceState, atoms: torch.Tensor, sizes: list[int]) -> boo
     held = [[k for k, v in sizes_of.items() if v == size] for size in sizes]
     if sum(not h for h in held) > 1:
         return False
-    start = 0
+    start, first = 0, {}
     for size, attrs in zip(sizes, held):
-        if attrs:
-            grid = atoms[start:start + size].reshape(1, size)
-            st.size_splits.append(SizeSplit(name, f"split by {list(sizes)!r}: the piece of {size}", grid,
-                                            {a: 1 for a in attrs}))
+        piece = atoms[start:start + size]
         start += size
+        if not attrs:  # a literal, or computed from the total (RAFT's): it keeps its size either way
+            st.freeze(piece)
+            continue
+        key = (size, tuple(attrs))
+        if key in first:  # pieces sized by the same attributes (timm's qkv.split([1, dim, dim])) are pruned alike
+            st.union(first[key], piece)
+            continue
+        first[key] = piece
+        st.size_splits.append(SizeSplit(name, f"split by {list(sizes)!r}: the piece of {size}", piece.reshape(1, size),
+                                        {a: 1 for a in attrs}))
     return True
 
 
