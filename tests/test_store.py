@@ -49,3 +49,18 @@ def test_non_finite_numbers_are_written_as_null(tmp_path):
     ResultStore(path, "grid").put("diverged", {"loss": float("nan"), "curve": [1.0, float("inf"), -float("inf")]})
     runs = json.loads(path.read_text(), parse_constant=_reject)["runs"]
     assert runs["diverged"]["loss"] is None and runs["diverged"]["curve"] == [1.0, None, None]
+
+
+def test_a_rerun_in_another_process_is_not_overwritten_by_a_stale_copy(tmp_path):
+    """Two stores read the same finished grid; each re-runs half of it. The file ends with both halves' new records
+    (a store used to write back its stale copy of the other half)."""
+    path = tmp_path / "r.json"
+    first = ResultStore(path, "x")
+    for k in ("a", "b"):
+        first.put(k, {"v": 0})
+    one, two = ResultStore(path, "x"), ResultStore(path, "x")
+    one.put("a", {"v": 1})
+    two.put("b", {"v": 2})
+    one.put("c", {"v": 3})  # saves again, after two's write
+    runs = json.loads(path.read_text())["runs"]
+    assert {k: r["v"] for k, r in runs.items()} == {"a": 1, "b": 2, "c": 3}

@@ -70,6 +70,7 @@ class ResultStore:
         if cmd not in self.doc["commands"]:
             self.doc["commands"].append(cmd)
         self.doc["meta"].update(meta or {})
+        self._mine: set[str] = set()  # keys this store put: they win over the file's; the file's win over the rest
 
     @property
     def runs(self) -> dict[str, Any]:
@@ -82,12 +83,15 @@ class ResultStore:
         record = {**record, "command": command_line(),
                   "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         self.doc["runs"][key] = record
+        self._mine.add(key)
         self.save()
 
     def save(self) -> None:
         """Write the file atomically, first merging runs that other processes wrote to it (under a file lock).
 
-        So several processes may fill one grid at once (e.g. one per seed); a key is never lost.
+        So several processes may fill one grid at once (e.g. one per seed), also re-running finished keys: a key is
+        never lost, and a record another process wrote since this store read the file is not overwritten with the
+        older copy this store read (only the keys this store :meth:`put` win over the file's).
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.path.with_name(self.path.name + ".lock")
@@ -95,7 +99,8 @@ class ResultStore:
         try:
             if self.path.exists():
                 on_disk = json.loads(self.path.read_text())
-                self.doc["runs"] = {**on_disk.get("runs", {}), **self.doc["runs"]}
+                runs = self.doc["runs"]
+                self.doc["runs"] = {**runs, **on_disk.get("runs", {}), **{k: runs[k] for k in self._mine}}
                 for cmd in on_disk.get("commands", []):
                     if cmd not in self.doc["commands"]:
                         self.doc["commands"].append(cmd)
