@@ -113,7 +113,7 @@ def test_latency_target_cuts_the_ranking_where_measured_latency_meets_it():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 8))
     x = torch.randn(64, 256)
-    target = LatencyTarget(fraction=0.7, repeats=5, warmup=1)
+    target = LatencyTarget(fraction=0.7, repeats=5, warmup=1, threads=1)  # one thread: test workers share the CPU
     p = plan(model, x, latency=target)
     note = next(n for n in p.notes if "latency" in n)
     assert "measured" in note or "not reached" in note
@@ -162,7 +162,8 @@ def test_uniform_allocation_parameters_rounding_latency_and_bad_input():
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 8))
     x = torch.randn(64, 256)
-    timed = plan(mlp, x, latency=LatencyTarget(fraction=0.7, repeats=5, warmup=1), allocation="uniform")
+    timed = plan(mlp, x, latency=LatencyTarget(fraction=0.7, repeats=5, warmup=1, threads=1),
+                 allocation="uniform")
     note = next(n for n in timed.notes if "latency" in n)
     assert "allocation 'uniform'" in note or "not reached" in note
     shares = {g.pruned / g.units for g in timed.groups}
@@ -243,7 +244,8 @@ def test_latency_allocation_keeps_the_fastest_measured_candidate_within_the_budg
     assert chosen in [f"{n}, channels a multiple of {r}" for n in names for r in (8, 16)]
     for g in p.groups:  # the coarser candidates keep multiples of 16, which are multiples of 8 too
         assert (g.units - g.pruned) % 8 == 0
-    timed = plan(model, x, latency=LatencyTarget(fraction=0.8, repeats=3, warmup=1), allocation="latency")
+    timed = plan(model, x, latency=LatencyTarget(fraction=0.8, repeats=3, warmup=1, threads=1),
+                 allocation="latency")
     assert any("ranked by score per second saved" in n for n in timed.notes)
     assert any("measured" in n or "not reached" in n for n in timed.notes)
 
