@@ -363,6 +363,10 @@ def test_torch_pickle_files_are_named_as_such(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(os.urandom(300))
     with pytest.raises(FileFormatError, match="not a readable safetensors file"):
         load(tmp_path / "junk.safetensors", net())
+    # a truncated safetensors file whose header length (1152) starts like a pickle's PROTO 4 opcode: not a pickle
+    (tmp_path / "cut.safetensors").write_bytes((1152).to_bytes(8, "little") + b'{"w": {"dtype": "F32"')
+    with pytest.raises(FileFormatError, match="not a readable safetensors file"):
+        load(tmp_path / "cut.safetensors", net())
     with pytest.raises(FileFormatError, match=f"no such file: {tmp_path / 'nope.safetensors'}"):
         load(tmp_path / "nope.safetensors", net())
     with pytest.raises(FileFormatError, match="is a directory, not a file"):

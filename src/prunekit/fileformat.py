@@ -256,11 +256,13 @@ def _foreign_format(path: Path) -> str | None:
     archive holding a pickle, or a bare pickle) or another zip archive. None if it is not recognised."""
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(9)
     except OSError:
         return None
+    if head[8:9] == b"{":  # a safetensors file: an 8-byte header length, then the JSON header (whatever the length)
+        return None
     pickled = len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5  # a pickle's PROTO opcode
-    if head == b"PK\x03\x04":
+    if head[:4] == b"PK\x03\x04":
         try:
             with zipfile.ZipFile(path) as z:
                 pickled = any(name.endswith("data.pkl") for name in z.namelist())
