@@ -366,8 +366,10 @@ def test_layer_collapse_warns():
     model = nn.Sequential(nn.Linear(50, 50), nn.Linear(50, 2))
     with torch.no_grad():
         model[0].weight.mul_(1e-3)  # tiny weights: a global threshold removes the whole layer
-    with pytest.warns(UserWarning, match="layer collapse"):
-        prunekit.prune(model, 0.97)  # 2,522 of 2,600 weights go: more than the 2,500 of the tiny layer
+    with pytest.warns(UserWarning, match=r"layer collapse.*allocation='lamp' or 'erk'"):
+        prunekit.prune(copy.deepcopy(model), 0.97)  # 2,522 of 2,600 weights go: more than the tiny layer's 2,500
+    with pytest.warns(UserWarning, match=r"allocation='erk', or pin"):  # lamp already in use: not suggested again
+        prunekit.prune(copy.deepcopy(model), 0.9999, allocation="lamp")  # (every layer: nothing left to keep)
     import warnings
 
     with warnings.catch_warnings():

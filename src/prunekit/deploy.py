@@ -81,7 +81,7 @@ class ExportResult:
 
     def __str__(self) -> str:
         text = (f"{self.path}: {self.format}{' int8' if self.int8 else ''}, {self.bytes:,} bytes "
-                f"({size_versus(self.bytes, self.dense_bytes)} than the dense {self.dense_bytes:,} bytes)")
+                f"({size_versus(self.bytes, self.dense_bytes)} vs the dense {self.dense_bytes:,} bytes)")
         if self.max_abs_diff is not None:
             text += (f"; onnxruntime vs torch max |diff| {self.max_abs_diff:.3g} "
                      f"(max |output| {self.max_abs_reference:.3g})")

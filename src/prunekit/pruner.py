@@ -192,9 +192,11 @@ class Pruner:
         self._set_masks(new)
         emptied = [n for n, m in self.masks.items() if m.numel() > 1 and count_true(m) == 0]
         if emptied:
+            others = [a for a in ("lamp", "erk") if a != self.allocation]
             warnings.warn(
-                f"{emptied} are now 100% pruned: no signal passes through them (layer collapse). Use "
-                "allocation='lamp' or 'erk', or pin them with overrides={name: sparsity}.", stacklevel=2)
+                f"{emptied} are now 100% pruned (layer collapse: nothing passes through them). Use "
+                f"allocation={' or '.join(repr(a) for a in others)}, or pin them with "
+                "overrides={name: sparsity}.", stacklevel=2)
         return self.masks
 
     def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:

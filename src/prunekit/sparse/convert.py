@@ -330,7 +330,8 @@ def _decide(name: str, module: nn.Linear, parents: list[tuple[nn.Module, str]], 
     best = min(candidates, key=lambda k: decision.times[k])
     speedup = decision.times["dense"] / decision.times[best]
     if speedup < min_speedup:
-        return keep(f"{best} only {speedup:.2f}x faster than dense (< min_speedup={min_speedup:g})")
+        pace = f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+        return keep(f"{best} {pace} than dense (< min_speedup={min_speedup:g})")
     decision.kernel = best
     decision.reason = f"{speedup:.2f}x faster than dense"
     return decision, candidates[best]
