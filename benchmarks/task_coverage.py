@@ -44,10 +44,8 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
-import json
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -57,10 +55,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table  # noqa: E402
-from _harness import RESULTS, ResultStore  # noqa: E402
-from timm_coverage import _marks, _provenance, in_child  # noqa: E402
+from _coverage import add_arguments, child, run, run_stages, tally  # noqa: E402
 
-from prunekit.fileformat import write_text  # noqa: E402
 from prunekit.flops import count_macs  # noqa: E402
 
 NAME = "task_coverage"
@@ -287,39 +283,17 @@ def prune_tp(name: str, model: nn.Module, inputs: tuple[Any, ...], rec: dict[str
     rec["macs"] = macs(name, model, inputs)
 
 
-def run_tool(tool: str, name: str) -> dict[str, Any]:
-    """Build the model, run one tool's stages on it and record ``ok`` or the stage that failed and why."""
+def run_tool(tool: str, name: str, size: int = 0) -> dict[str, Any]:
+    """Build the model, run one tool's stages on it and record ``ok`` or the stage that failed and why (``size`` is
+    unused: each model's inputs are fixed by :func:`inputs_for`)."""
     model = build(name)
     inputs, _ = inputs_for(name)
     rec: dict[str, Any] = {}
-    stage = "start"
-    try:
-        for stage in (prune_ours if tool == "ours" else prune_tp)(name, model, inputs, rec):
-            pass
-        rec["status"] = "ok"
-    except Exception as exc:
-        rec.update(status="fail", stage=stage, error=f"{type(exc).__name__}: {exc}"[:600],
-                   where=traceback.format_exc().strip().splitlines()[-3][:300])
-    return rec
+    return run_stages((prune_ours if tool == "ours" else prune_tp)(name, model, inputs, rec), rec)
 
 
 def summarize(runs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    rows, counts = [], {"models": 0, "ours_ok": 0, "tp_ok": 0, "ours_2x": 0, "tp_2x": 0, "ours_kept_whole": 0}
-    for name, r in runs.items():
-        counts["models"] += 1
-        cells = [name, MODELS.get(name, ("?",))[0]]
-        for tool in ("ours", "tp"):
-            t = r[tool]
-            ok = t["status"] == "ok"
-            red = r["dense_macs"] / t["macs"] if ok and t.get("macs") else None
-            counts[f"{tool}_ok"] += ok
-            counts[f"{tool}_2x"] += bool(red and red >= 2)
-            if ok:
-                cells.append(f"ok {red:.2f}x" + "".join(f" {m}" for m in _marks(t.get("notes") or [])))
-            else:
-                cells.append(f"{t['stage']}: {t['error'].split(':')[0]}")
-        counts["ours_kept_whole"] += "*" in _marks(r["ours"].get("notes") or [])
-        rows.append(cells)
+    rows, counts = tally(runs, lambda name, r: [name, MODELS.get(name, ("?",))[0]])
     text = table(rows, ["model", "family", "prunekit (MACs fewer)", "Torch-Pruning 1.6.1 (MACs fewer)"])
     text += (f"\n{counts['ours_ok']}/{counts['models']} models pruned and checked by prunekit "
              f"({counts['ours_2x']} with >= 2x fewer MACs; * = {counts['ours_kept_whole']} plans kept some modules "
@@ -330,57 +304,19 @@ def summarize(runs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="*", default=None, help="torchvision names (default: the list in this script)")
-    ap.add_argument("--memory-gb", type=float, default=8.0)
-    ap.add_argument("--timeout", type=float, default=1800.0)
-    ap.add_argument("--shard", default="0/1", help="K/N: this process takes every N-th model from the K-th (run N "
-                    "processes with K = 0..N-1 to use N cores; they share the results file)")
-    ap.add_argument("--tools", nargs="+", choices=("ours", "tp"), default=["ours", "tp"],
-                    help="tools to run (default both); with one, finished models are run again for that tool and "
-                    "keep the other's record")
-    ap.add_argument("--child", nargs=4, metavar=("TOOL", "NAME", "SIZE", "OUT"), help=argparse.SUPPRESS)
+    add_arguments(ap, "torchvision", timeout=1800.0)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    if args.child:
-        tool, name, _, out = args.child
-        write_text(Path(out), json.dumps(run_tool(tool, name)))
+    if child(args, run_tool):
         return
     import importlib.metadata
 
-    names = args.models or list(MODELS)
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        raise SystemExit(f"not in this benchmark's list: {unknown}; choose from {sorted(MODELS)}")
-    try:
-        k, n = (int(v) for v in args.shard.split("/"))
-        assert 0 <= k < n
-    except (ValueError, AssertionError):
-        raise SystemExit(f"--shard {args.shard!r}: expected K/N with 0 <= K < N, e.g. 0/2") from None
-    names = names[k::n]
-    store = ResultStore(RESULTS / f"{NAME}.json", NAME, meta={
-        "torchvision": importlib.metadata.version("torchvision"),
-        "torch_pruning": importlib.metadata.version("torch-pruning"), "torch": torch.__version__})
-    both = set(args.tools) == {"ours", "tp"}
-    for name in names:
-        if store.done(name) and both:
-            continue
-        old = store.runs.get(name, {})
-        if not both and not all(t in old for t in ("ours", "tp")):
-            raise SystemExit(f"{name}: no earlier record to keep the other tool's result from; run both tools")
-        record: dict[str, Any] = {"family": MODELS[name][0], "dense_macs": macs(name, build(name), inputs_for(name)[0])}
-        for tool in ("ours", "tp"):
-            record[tool] = in_child(tool, name, 0, args.memory_gb, args.timeout, script=__file__, prefix=NAME) \
-                if tool in args.tools else old[tool]
-        if not both:
-            record["tools"] = {t: "rerun" if t in args.tools else _provenance(old, t) for t in ("ours", "tp")}
-        store.put(name, record)
-        print(f"{name}: ours {record['ours']['status']}, Torch-Pruning {record['tp']['status']}", flush=True)
-    text, counts = summarize(store.runs)
-    store.doc["summary"] = counts
-    store.save()
-    made = "`, `".join(store.doc["commands"])
-    write_text(RESULTS / f"{NAME}.md", f"Generated by `{made}`.\n\n```\n{text}\n```\n")
-    print(text)
+    def dense(name: str) -> dict[str, Any]:
+        return {"family": MODELS[name][0], "dense_macs": macs(name, build(name), inputs_for(name)[0])}
+
+    run(args, name=NAME, script=__file__, models=MODELS, dense=dense, size=lambda name: 0, summarize=summarize,
+        meta={"torchvision": importlib.metadata.version("torchvision"),
+              "torch_pruning": importlib.metadata.version("torch-pruning")})
 
 
 if __name__ == "__main__":

@@ -33,15 +33,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import resource
-import subprocess
 import sys
 import time
-import traceback
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,9 +44,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table  # noqa: E402
-from _harness import RESULTS, ResultStore  # noqa: E402
+from _coverage import add_arguments, child, run, run_stages, tally  # noqa: E402
 
-from prunekit.fileformat import write_text  # noqa: E402
 from prunekit.flops import count_macs  # noqa: E402
 
 NAME = "timm_coverage"
@@ -167,70 +161,11 @@ def run_tool(tool: str, name: str, size: int) -> dict[str, Any]:
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     dense = _run(model, x)
     rec: dict[str, Any] = {}
-    stage = "start"
-    try:
-        for stage in (prune_ours if tool == "ours" else prune_tp)(model, x, dense, rec):
-            pass
-        rec["status"] = "ok"
-    except Exception as exc:
-        rec.update(status="fail", stage=stage, error=f"{type(exc).__name__}: {exc}"[:600],
-                   where=traceback.format_exc().strip().splitlines()[-3][:300])
-    return rec
-
-
-def in_child(tool: str, name: str, size: int, memory_gb: float, timeout: float, *, script: str = __file__,
-             prefix: str = NAME) -> dict[str, Any]:
-    """Run one tool on one model in a fresh process (``script --child TOOL NAME SIZE OUT``) with a memory cap and a
-    time limit; the child writes its record as JSON to OUT."""
-    limit = int(memory_gb * 2**30)
-
-    def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    out = RESULTS / f".{prefix}-{tool}-{os.getpid()}.json"
-    cmd = [sys.executable, script, "--child", tool, name, str(size), str(out)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=cap)
-    except subprocess.TimeoutExpired:
-        return {"status": "fail", "stage": "timeout", "error": f"no result after {timeout:.0f} s"}
-    try:
-        if proc.returncode != 0 or not out.exists():
-            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-            what = lines[-1] if lines else f"exit status {proc.returncode}"
-            if proc.returncode < 0 or "MemoryError" in proc.stderr:
-                what += f" (memory capped at {memory_gb:g} GB)"
-            return {"status": "fail", "stage": "crash", "error": what[-600:]}
-        return json.loads(out.read_text())
-    finally:
-        out.unlink(missing_ok=True)
-
-
-def _marks(notes: list[str]) -> list[str]:
-    """``*``: the plan kept modules or split channels whole; ``+``: it tied a reshape to its input's width."""
-    return [m for m, words in (("*", ("whole mended", "keeping the channels")), ("+", ("tying the channels",)))
-            if any(w in n for n in notes for w in words)]
+    return run_stages((prune_ours if tool == "ours" else prune_tp)(model, x, dense, rec), rec)
 
 
 def summarize(runs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    rows, counts = [], {"models": 0, "ours_ok": 0, "tp_ok": 0, "ours_2x": 0, "tp_2x": 0, "ours_kept_whole": 0,
-                        "ours_tied_width": 0}
-    for name, r in runs.items():
-        counts["models"] += 1
-        cells = [name]
-        for tool in ("ours", "tp"):
-            t = r[tool]
-            ok = t["status"] == "ok"
-            red = r["dense_macs"] / t["macs"] if ok and t.get("macs") else None
-            counts[f"{tool}_ok"] += ok
-            counts[f"{tool}_2x"] += bool(red and red >= 2)
-            if ok:
-                cells.append(f"ok {red:.2f}x" + "".join(f" {m}" for m in _marks(t.get("notes") or [])))
-            else:
-                cells.append(f"{t['stage']}: {t['error'].split(':')[0]}")
-        marks = _marks(r["ours"].get("notes") or [])
-        counts["ours_kept_whole"] += "*" in marks
-        counts["ours_tied_width"] += "+" in marks
-        rows.append(cells)
+    rows, counts = tally(runs, lambda name, r: [name])
     text = table(rows, ["model", "prunekit (MACs fewer)", "Torch-Pruning 1.6.1 (MACs fewer)"])
     text += (f"\n{counts['ours_ok']}/{counts['models']} models pruned and checked by prunekit "
              f"({counts['ours_2x']} with >= 2x fewer MACs; * = {counts['ours_kept_whole']} plans kept some modules "
@@ -240,69 +175,24 @@ def summarize(runs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return text, counts
 
 
-def _provenance(old: dict[str, Any], tool: str) -> str:
-    """Where a kept record of ``tool`` was measured: the command of the run that measured it."""
-    earlier = old.get("tools", {}).get(tool, "")
-    return earlier if earlier.startswith("kept from") else f"kept from {old.get('command', '?')}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="*", default=None, help="timm names (default: the list in this script)")
-    ap.add_argument("--memory-gb", type=float, default=8.0)
-    ap.add_argument("--timeout", type=float, default=900.0)
-    ap.add_argument("--shard", default="0/1", help="K/N: this process takes every N-th model from the K-th (run N "
-                    "processes with K = 0..N-1 to use N cores; they share the results file)")
-    ap.add_argument("--tools", nargs="+", choices=("ours", "tp"), default=["ours", "tp"],
-                    help="tools to run (default both); with one, finished models are run again for that tool and "
-                    "keep the other's record (the record's 'command' then names the rerun, 'tools' what it ran)")
-    ap.add_argument("--child", nargs=4, metavar=("TOOL", "NAME", "SIZE", "OUT"), help=argparse.SUPPRESS)
+    add_arguments(ap, "timm", timeout=900.0)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    if args.child:
-        tool, name, size, out = args.child
-        rec = run_tool(tool, name, int(size))
-        write_text(Path(out), json.dumps(rec))
+    if child(args, run_tool):
         return
     import importlib.metadata
 
     sizes = dict(MODELS)
-    names = args.models or [n for n, _ in MODELS]
-    try:
-        k, n = (int(v) for v in args.shard.split("/"))
-        assert 0 <= k < n
-    except (ValueError, AssertionError):
-        raise SystemExit(f"--shard {args.shard!r}: expected K/N with 0 <= K < N, e.g. 0/2") from None
-    names = names[k::n]
-    unknown = [n for n in names if n not in sizes]
-    if unknown:
-        raise SystemExit(f"not in this benchmark's list: {unknown}; add them to MODELS with an input size")
-    store = ResultStore(RESULTS / f"{NAME}.json", NAME, meta={
-        "timm": importlib.metadata.version("timm"), "torch_pruning": importlib.metadata.version("torch-pruning"),
-        "torch": torch.__version__})
-    both = set(args.tools) == {"ours", "tp"}
-    for name in names:
-        if store.done(name) and both:
-            continue
-        old = store.runs.get(name, {})
-        if not both and not all(t in old for t in ("ours", "tp")):
-            raise SystemExit(f"{name}: no earlier record to keep the other tool's result from; run both tools")
+
+    def dense(name: str) -> dict[str, Any]:
         size = sizes[name]
-        x = torch.randn(1, 3, size, size)
-        record = {"size": size, "dense_macs": count_macs(build(name, size), x).total}
-        for tool in ("ours", "tp"):
-            record[tool] = in_child(tool, name, size, args.memory_gb, args.timeout) if tool in args.tools \
-                else old[tool]
-        if not both:
-            record["tools"] = {t: "rerun" if t in args.tools else _provenance(old, t) for t in ("ours", "tp")}
-        store.put(name, record)
-        print(f"{name}: ours {record['ours']['status']}, Torch-Pruning {record['tp']['status']}", flush=True)
-    text, counts = summarize(store.runs)
-    store.doc["summary"] = counts
-    store.save()
-    made = "`, `".join(store.doc["commands"])
-    write_text(RESULTS / f"{NAME}.md", f"Generated by `{made}`.\n\n```\n{text}\n```\n")
-    print(text)
+        return {"size": size, "dense_macs": count_macs(build(name, size), torch.randn(1, 3, size, size)).total}
+
+    run(args, name=NAME, script=__file__, models=sizes, dense=dense, size=sizes.__getitem__, summarize=summarize,
+        meta={"timm": importlib.metadata.version("timm"),
+              "torch_pruning": importlib.metadata.version("torch-pruning")})
 
 
 if __name__ == "__main__":
