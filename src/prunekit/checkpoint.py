@@ -382,6 +382,20 @@ def _check_resume_state(path: str | os.PathLike[str], meta: Mapping[str, Any],
         )
 
 
+def _load_state(path: str | os.PathLike[str], obj: Any, packed: Any, tensors: Mapping[str, torch.Tensor],
+                what: str) -> None:
+    """``obj.load_state_dict`` of the stored ``what`` (``"optimizer"``/``"scheduler"``), torch's errors turned into
+    one that says what to do."""
+    try:
+        obj.load_state_dict(unpack(packed, tensors))
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
+        raise ValueError(
+            f"{path}: its {what} state does not load into this {type(obj).__name__} ({type(exc).__name__}: {exc}); "
+            f"it was probably saved from another class or configuration. Build the {what} the run was saved with, or "
+            f"load without {what}= to start it afresh."
+        ) from None
+
+
 def _load_resume_state(path: str | os.PathLike[str], meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
                        optimizer: torch.optim.Optimizer | None, scheduler: Any | None) -> None:
     """Load the optimizer and scheduler state, or leave both exactly as they were and raise a ValueError.
@@ -392,15 +406,7 @@ def _load_resume_state(path: str | os.PathLike[str], meta: Mapping[str, Any], te
     try:
         if optimizer is not None:
             keys = [set(g) for g in optimizer.param_groups]
-            try:
-                optimizer.load_state_dict(unpack(meta["optimizer"], tensors))
-            except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
-                raise ValueError(
-                    f"{path}: its optimizer state does not load into this {type(optimizer).__name__} "
-                    f"({type(exc).__name__}: {exc}); it was probably saved from another optimizer class or "
-                    "configuration. Build the optimizer the run was saved with, or load without optimizer= to start "
-                    "it afresh."
-                ) from None
+            _load_state(path, optimizer, meta["optimizer"], tensors, "optimizer")
             missing = sorted({k for g, before in zip(optimizer.param_groups, keys) for k in before - set(g)})
             if missing:
                 raise ValueError(
@@ -409,14 +415,7 @@ def _load_resume_state(path: str | os.PathLike[str], meta: Mapping[str, Any], te
                     "or load without optimizer= to start it afresh."
                 )
         if scheduler is not None:
-            try:
-                scheduler.load_state_dict(unpack(meta["scheduler"], tensors))
-            except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
-                raise ValueError(
-                    f"{path}: its LR-scheduler state does not load into this {type(scheduler).__name__} "
-                    f"({type(exc).__name__}: {exc}). Build the scheduler the run was saved with, or load without "
-                    "scheduler= to start it afresh."
-                ) from None
+            _load_state(path, scheduler, meta["scheduler"], tensors, "scheduler")
     except BaseException:
         for obj, attributes in saved:
             obj.__dict__.clear()
