@@ -344,6 +344,19 @@ def _sequence_attributes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
             if isinstance(v, (tuple, list)) and v and all(type(i) is int for i in v) and not k.startswith("_")}
 
 
+def _size_owners(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The running module and its direct children from outside torch, which it may call other methods of
+    (``self.rel_pos.get_bias()`` reshapes by ``rel_pos.bias_shape``), with the prefix their attributes are named by
+    (``child.attr``)."""
+    return [("", module)] + [(f"{n}.", c) for n, c in module.named_children() if not _from_torch(c)]
+
+
+def _size_ints(owners: list[tuple[str, torch.nn.Module]]) -> dict[str, int]:
+    """Their integer attributes (> 1) whose name says they are a size, by prefixed name."""
+    return {p + k: v for p, m in owners for k, v in _int_attributes(m).items()
+            if v > 1 and any(w in k.lower() for w in _SIZE_WORDS)}
+
+
 def _view_size(st: TraceState, dst: torch.Tensor) -> None:
     """Record which attributes of the running module could hold the sizes of a reshape's labelled dimensions."""
     from prunekit.structured.tracer import ViewSize
@@ -352,11 +365,8 @@ def _view_size(st: TraceState, dst: torch.Tensor) -> None:
     if not fields:
         return
     name, module = st.stack[-1]
-    # the running module's attributes, and those of its direct children from outside torch, which it may call
-    # other methods of (``self.rel_pos.get_bias()`` reshapes by ``rel_pos.bias_shape``): named ``child.attr``
-    owners = [("", module)] + [(f"{n}.", c) for n, c in module.named_children() if not _from_torch(c)]
-    sizes = {p + k: v for p, m in owners for k, v in _int_attributes(m).items()
-             if v > 1 and any(w in k.lower() for w in _SIZE_WORDS)}
+    owners = _size_owners(module)
+    sizes = _size_ints(owners)
     dims = {d for f in fields for d in f.dims}
     attrs = {d: [k for k, v in sizes.items() if v == dst.shape[d]] for d in sorted(dims)}
     attrs = {d: ks for d, ks in attrs.items() if ks}
@@ -507,9 +517,7 @@ def _unequal_split(st: TraceState, atoms: torch.Tensor, sizes: list[int]) -> boo
     if st.split_call is None or st.split_call[0] != "size" or st.freeze_size_splits is not None:
         return False
     name, module = st.stack[-1]
-    owners = [("", module)] + [(f"{n}.", c) for n, c in module.named_children() if not _from_torch(c)]
-    sizes_of = {p + k: v for p, m in owners for k, v in _int_attributes(m).items()
-                if v > 1 and any(w in k.lower() for w in _SIZE_WORDS)}
+    sizes_of = _size_ints(_size_owners(module))
     held = [[k for k, v in sizes_of.items() if v == size] for size in sizes]
     if sum(not h for h in held) > 1:
         return False
